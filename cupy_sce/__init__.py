@@ -1,0 +1,17 @@
+"""cupy_sce: PaddlePaddle's softmax_with_cross_entropy, fused, on NumPy and CuPy arrays."""
+from cupy_sce._api import (  # NOQA
+    backward,
+    compute_dtype,
+    forward,
+    forward_backward,
+    gather_label_logit,
+    get_array_module,
+    label_check,
+    logsumexp,
+    row_max,
+    softmax_with_cross_entropy,
+    softmax_with_cross_entropy_grad,
+)
+from cupy_sce._numpy_backend import get_num_threads, set_num_threads  # NOQA
+
+__version__ = '0.1.0'

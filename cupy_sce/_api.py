@@ -1,0 +1,409 @@
+"""Public API: argument checking, canonical (outer, K, inner) views, dispatch.
+
+This module is the only place arguments are checked.  Every public function
+turns its inputs into a :class:`_Problem` -- the logits viewed as a C-contiguous
+``(outer, K, inner)`` array around ``axis``, labels as ``(outer, inner)``
+integers or ``(outer, K, inner)`` floats -- allocates the outputs, and hands
+both to a backend's ``*_out`` function.  Backends trust what they are given.
+
+The two backends expose the same functions with the same names
+(``row_max``, ``logsumexp``, ``gather_label_logit``, ``forward_out``,
+``backward_out``, ``forward_backward_out``); see ``_numpy_backend`` and
+``_cupy_backend``.
+"""
+import contextlib
+import operator
+import threading
+
+import numpy
+
+try:  # CuPy is optional: without it every call runs on the NumPy backend.
+    import cupy
+except ImportError:  # pragma: no cover - exercised on machines without CuPy
+    cupy = None
+
+from cupy_sce import _numpy_backend
+
+_FLOAT_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
+                 numpy.dtype(numpy.float64))
+
+_state = threading.local()
+
+
+def get_array_module(*arrays):
+    """``cupy.get_array_module`` when CuPy imports, else ``numpy``."""
+    if cupy is not None:
+        return cupy.get_array_module(*arrays)
+    return numpy
+
+
+def compute_dtype(dtype):
+    """The dtype arithmetic happens in: float32 for float16/float32, else float64."""
+    return numpy.dtype(numpy.float64 if numpy.dtype(dtype) == numpy.float64 else numpy.float32)
+
+
+# --------------------------------------------------------------------------
+# options that are not part of the (fixed) Paddle signatures
+# --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def label_check(enabled):
+    """Turn the hard-label range check on or off inside a ``with`` block.
+
+    On a GPU the check costs one 8-byte device-to-host copy (and so a host
+    synchronisation) per call.  Code that must not synchronise (CUDA graphs,
+    asynchronous pipelines) can disable it; an out-of-range label then makes
+    that row's loss and gradient NaN instead of raising.  No out-of-bounds
+    read happens either way.  The setting is per thread.
+    """
+    previous = getattr(_state, 'check_labels', True)
+    _state.check_labels = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.check_labels = previous
+
+
+def _check_labels_enabled():
+    return getattr(_state, 'check_labels', True)
+
+
+@contextlib.contextmanager
+def use_backend(backend):
+    """Route every call in this thread to ``backend`` (testing hook).
+
+    ``cupy_sce.testing.harness`` uses it to run the CuPy backend's host logic
+    and CUDA kernels on the CPU with NumPy arrays.
+    """
+    previous = getattr(_state, 'backend', None)
+    _state.backend = backend
+    try:
+        yield backend
+    finally:
+        _state.backend = previous
+
+
+_cupy_backend_instance = None
+
+
+def _backend_for(xp):
+    forced = getattr(_state, 'backend', None)
+    if forced is not None:
+        return forced
+    if xp is numpy:
+        return _numpy_backend
+    global _cupy_backend_instance
+    if _cupy_backend_instance is None:
+        from cupy_sce import _cupy_backend
+        _cupy_backend_instance = _cupy_backend.CupyBackend(_cupy_backend.CupyRuntime())
+    return _cupy_backend_instance
+
+
+# --------------------------------------------------------------------------
+# argument checking
+# --------------------------------------------------------------------------
+
+def _as_arrays(names_and_values):
+    """Find the array module of the array arguments; mixing numpy and cupy is an error."""
+    kinds = {}
+    for name, value in names_and_values:
+        if value is None:
+            continue
+        if isinstance(value, numpy.ndarray):
+            kinds.setdefault('numpy', name)
+        elif cupy is not None and isinstance(value, cupy.ndarray):
+            kinds.setdefault('cupy', name)
+    if len(kinds) > 1:
+        raise TypeError(
+            'cannot mix numpy and cupy arrays in one call: {} is a numpy.ndarray but {} is a '
+            'cupy.ndarray'.format(kinds['numpy'], kinds['cupy']))
+    xp = cupy if 'cupy' in kinds else numpy
+    out = []
+    for name, value in names_and_values:
+        if value is not None and not isinstance(value, xp.ndarray):
+            try:
+                value = xp.asarray(value)
+            except Exception as exc:
+                raise TypeError('{} must be an array, got {!r}'.format(name, type(value))) from exc
+        out.append(value)
+    return xp, out
+
+
+def _check_bool(name, value):
+    if isinstance(value, (bool, numpy.bool_)):
+        return bool(value)
+    raise TypeError('{} must be a bool, got {!r}'.format(name, value))
+
+
+def _check_int(name, value):
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, numpy.integer)):
+        raise TypeError('{} must be an int, got {!r}'.format(name, value))
+    return operator.index(value)
+
+
+def _normalize_axis(axis, ndim):
+    axis = _check_int('axis', axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError('axis {} is out of range for logits of rank {} (valid: [{}, {}])'.format(
+            axis, ndim, -ndim, ndim - 1))
+    return axis % ndim
+
+
+def _check_logits(logits, name='logits'):
+    if logits.ndim == 0:
+        raise ValueError('{} must have rank >= 1, got a 0-d array'.format(name))
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError('{} must be float16, float32 or float64, got {}'.format(name, logits.dtype))
+
+
+class _Problem:
+    """Logits, labels and options in the canonical layout the backends use.
+
+    ``x`` is a C-contiguous ``(outer, K, inner)`` array (a view when the
+    logits already are contiguous, else a copy); ``label`` is ``(outer,
+    inner)`` int32/int64 for hard labels or ``(outer, K, inner)`` float in
+    the compute dtype for soft labels.
+    """
+
+    def __init__(self, xp, logits, label, soft_label, ignore_index, axis, label_name='label'):
+        _check_logits(logits)
+        self.xp = xp
+        self.logits = logits
+        self.shape = logits.shape
+        self.dtype = logits.dtype
+        self.acc_dtype = compute_dtype(logits.dtype)
+        self.soft_label = _check_bool('soft_label', soft_label)
+        self.ignore_index = _check_int('ignore_index', ignore_index)
+        self.axis = _normalize_axis(axis, logits.ndim)
+        shape = logits.shape
+        self.outer = _prod(shape[:self.axis])
+        self.K = shape[self.axis]
+        self.inner = _prod(shape[self.axis + 1:])
+        self.loss_shape = shape[:self.axis] + (1,) + shape[self.axis + 1:]
+        self.row_shape = shape[:self.axis] + shape[self.axis + 1:]
+        if self.K == 0 and self.outer * self.inner:
+            raise ValueError('logits shape {} has 0 classes along axis {}: a row needs at least one '
+                             'class'.format(shape, self.axis))
+        self.x = xp.ascontiguousarray(logits).reshape(self.outer, self.K, self.inner)
+        self.label_user = label
+        self.label = None if label is None else self._canonical_label(label, label_name)
+        self.check_labels = _check_labels_enabled()
+
+    def _canonical_label(self, label, name):
+        xp = self.xp
+        if self.soft_label:
+            if label.dtype.kind != 'f':
+                raise TypeError('{} must be a floating array when soft_label=True, got {}'.format(
+                    name, label.dtype))
+            if label.shape != self.shape:
+                raise ValueError('{} shape {} must equal logits shape {} when soft_label=True'.format(
+                    name, label.shape, self.shape))
+            return xp.ascontiguousarray(label, dtype=self.acc_dtype).reshape(
+                self.outer, self.K, self.inner)
+        if label.dtype.kind not in 'iu':
+            raise TypeError(
+                '{} must be an integer array when soft_label=False, got {} (pass soft_label=True for '
+                'probabilities)'.format(name, label.dtype))
+        if label.shape not in (self.loss_shape, self.row_shape):
+            raise ValueError(
+                '{} shape {} does not match logits shape {} with axis={}: expected {} or {}'.format(
+                    name, label.shape, self.shape, self.axis, self.loss_shape, self.row_shape))
+        # int32 and int64 are the two label types the kernels are instantiated for; uint32 and
+        # uint64 need the wider type to keep their values.
+        label_dtype = numpy.int32 if label.dtype.itemsize < 4 or label.dtype == numpy.int32 \
+            else numpy.int64
+        if label.dtype == numpy.uint64:
+            too_big = xp.nonzero(label.ravel() > numpy.iinfo(numpy.int64).max)[0]
+            if too_big.size:
+                self.raise_bad_label(int(too_big[0]))
+        return xp.ascontiguousarray(label, dtype=label_dtype).reshape(self.outer, self.inner)
+
+    def row_array(self, value, name, dtype):
+        """``value`` of the loss shape (or that shape without the axis) as (outer, inner)."""
+        if value.dtype.kind != 'f':
+            raise TypeError('{} must be a floating array, got {}'.format(name, value.dtype))
+        if value.shape not in (self.loss_shape, self.row_shape):
+            raise ValueError('{} shape {} must be {} (or {}) for logits of shape {} with axis={}'.format(
+                name, value.shape, self.loss_shape, self.row_shape, self.shape, self.axis))
+        return self.xp.ascontiguousarray(value, dtype=dtype).reshape(self.outer, self.inner)
+
+    def raise_bad_label(self, row):
+        """Raise the IndexError for the label of canonical row ``row``."""
+        label = self.label_user
+        position = numpy.unravel_index(row, self.row_shape) if self.row_shape else ()
+        if label.shape == self.loss_shape:
+            position = position[:self.axis] + (0,) + position[self.axis:]
+        value = int(label[position]) if position else int(label.reshape(()))
+        raise IndexError(
+            'label value {} at position {} is out of range for K={} classes (valid: [0, {}) or '
+            'ignore_index={})'.format(value, tuple(int(p) for p in position), self.K, self.K,
+                                      self.ignore_index))
+
+    def check(self, bad_row):
+        if bad_row is not None:
+            self.raise_bad_label(bad_row)
+
+    def empty(self, shape, dtype):
+        return self.xp.empty(shape, dtype=dtype)
+
+
+def _prod(values):
+    result = 1
+    for v in values:
+        result *= int(v)
+    return result
+
+
+# --------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------
+
+def softmax_with_cross_entropy(logits, label, soft_label=False, ignore_index=-100,
+                               numeric_stable_mode=True, return_softmax=False, axis=-1):
+    """Paddle's ``softmax_with_cross_entropy`` on numpy or cupy arrays.
+
+    Returns ``loss`` (logits' shape with ``shape[axis] == 1``, logits' dtype),
+    or ``(loss, softmax)`` when ``return_softmax``.  ``numeric_stable_mode``
+    is accepted for compatibility; every path is stable.
+    """
+    xp, (logits, label) = _as_arrays([('logits', logits), ('label', label)])
+    _check_bool('numeric_stable_mode', numeric_stable_mode)
+    return_softmax = _check_bool('return_softmax', return_softmax)
+    p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
+    loss = p.empty((p.outer, p.inner), p.dtype)
+    lse = p.empty((p.outer, p.inner), p.acc_dtype)
+    softmax = p.empty((p.outer, p.K, p.inner), p.dtype) if return_softmax else None
+    p.check(_backend_for(xp).forward_out(p, loss, lse, softmax))
+    loss = loss.reshape(p.loss_shape)
+    if return_softmax:
+        return loss, softmax.reshape(p.shape)
+    return loss
+
+
+def forward(logits, label, soft_label=False, ignore_index=-100, axis=-1):
+    """Memory-light forward: ``(loss, lse)``; no N*K softmax is kept.
+
+    ``lse`` (log-sum-exp of each row) has the loss's shape and the compute
+    dtype (float32 for float16 logits, so the backward pass keeps precision).
+    """
+    xp, (logits, label) = _as_arrays([('logits', logits), ('label', label)])
+    p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
+    loss = p.empty((p.outer, p.inner), p.dtype)
+    lse = p.empty((p.outer, p.inner), p.acc_dtype)
+    p.check(_backend_for(xp).forward_out(p, loss, lse, None))
+    return loss.reshape(p.loss_shape), lse.reshape(p.loss_shape)
+
+
+def _check_out(p, out, name):
+    if out.shape != p.shape or out.dtype != p.dtype:
+        raise ValueError('{} must have the logits\' shape {} and dtype {}, got {} {}'.format(
+            name, p.shape, p.dtype, out.shape, out.dtype))
+    if not out.flags.c_contiguous and out is not p.logits:
+        raise ValueError('{} must be C-contiguous (or be the logits array itself)'.format(name))
+
+
+def _grad_target(p, out, name):
+    """(buffer the backend writes as (outer, K, inner), array returned, whether to copy back)."""
+    if out is None:
+        grad = p.empty((p.outer, p.K, p.inner), p.dtype)
+        return grad, grad.reshape(p.shape), False
+    _check_out(p, out, name)
+    if out is p.logits:
+        # In place: the backend reads each logit before it writes that element's gradient, so it
+        # can write into p.x.  p.x is a view of the logits when they are C-contiguous and a copy
+        # (written back afterwards) when they are not.
+        return p.x, out, not out.flags.c_contiguous
+    return out.reshape(p.outer, p.K, p.inner), out, False
+
+
+def _finish_grad(p, grad, target, copy_back):
+    if copy_back:
+        target[...] = grad.reshape(p.shape)
+    return target
+
+
+def backward(loss_grad, logits, lse, label, soft_label=False, ignore_index=-100, axis=-1, out=None):
+    """Gradient w.r.t. the logits, recomputing the softmax from ``logits`` and ``lse``.
+
+    ``out=logits`` writes the gradient into the logits buffer (the logits are
+    destroyed); ``loss_grad=None`` means ones.
+    """
+    xp, (loss_grad, logits, lse, label, out) = _as_arrays(
+        [('loss_grad', loss_grad), ('logits', logits), ('lse', lse), ('label', label), ('out', out)])
+    p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
+    lse2 = p.row_array(lse, 'lse', p.acc_dtype)
+    g2 = None if loss_grad is None else p.row_array(loss_grad, 'loss_grad', p.acc_dtype)
+    grad, target, copy_back = _grad_target(p, out, 'out')
+    if grad is p.x and p.check_labels and not p.soft_label:
+        # The gradient overwrites the logits: reject bad labels before anything is written.
+        _, bad_row = _backend_for(xp).gather_label_logit(p)
+        p.check(bad_row)
+    p.check(_backend_for(xp).backward_out(p, g2, lse2, None, grad))
+    return _finish_grad(p, grad, target, copy_back)
+
+
+def softmax_with_cross_entropy_grad(loss_grad, softmax, label, soft_label=False, ignore_index=-100,
+                                    axis=-1):
+    """Paddle's grad op: ``(Softmax, Label, Loss@GRAD) -> Logits@GRAD``.
+
+    For soft labels this returns the exact derivative
+    ``softmax * sum_k(label_k) - label`` (Paddle returns ``softmax - label``,
+    which is wrong when a label row does not sum to 1).
+    """
+    xp, (loss_grad, softmax, label) = _as_arrays(
+        [('loss_grad', loss_grad), ('softmax', softmax), ('label', label)])
+    _check_logits(softmax, 'softmax')
+    p = _Problem(xp, softmax, label, soft_label, ignore_index, axis)
+    g2 = None if loss_grad is None else p.row_array(loss_grad, 'loss_grad', p.acc_dtype)
+    grad = p.empty((p.outer, p.K, p.inner), p.dtype)
+    p.check(_backend_for(xp).backward_out(p, g2, None, p.x, grad))
+    return grad.reshape(p.shape)
+
+
+def forward_backward(logits, label, loss_grad=None, soft_label=False, ignore_index=-100, axis=-1,
+                     inplace=False):
+    """Loss and gradient from one pass: ``(loss, logits_grad)``.
+
+    ``inplace=True`` writes the gradient into ``logits`` (destroying them) and
+    returns that array as ``logits_grad``.
+    """
+    xp, (logits, label, loss_grad) = _as_arrays(
+        [('logits', logits), ('label', label), ('loss_grad', loss_grad)])
+    inplace = _check_bool('inplace', inplace)
+    p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
+    g2 = None if loss_grad is None else p.row_array(loss_grad, 'loss_grad', p.acc_dtype)
+    grad, target, copy_back = _grad_target(p, logits if inplace else None, 'logits')
+    backend = _backend_for(xp)
+    if inplace and p.check_labels and not p.soft_label:
+        _, bad_row = backend.gather_label_logit(p)
+        p.check(bad_row)
+    loss = p.empty((p.outer, p.inner), p.dtype)
+    p.check(backend.forward_backward_out(p, g2, loss, grad))
+    return loss.reshape(p.loss_shape), _finish_grad(p, grad, target, copy_back)
+
+
+# --------------------------------------------------------------------------
+# building blocks, each usable on its own
+# --------------------------------------------------------------------------
+
+def row_max(logits, axis=-1):
+    """Maximum along ``axis`` (NaN propagates), keepdims, in the compute dtype."""
+    xp, (logits,) = _as_arrays([('logits', logits)])
+    p = _Problem(xp, logits, None, False, -100, axis)
+    return _backend_for(xp).row_max(p).reshape(p.loss_shape)
+
+
+def logsumexp(logits, axis=-1):
+    """``log(sum(exp(logits)))`` along ``axis``, keepdims, in the compute dtype."""
+    xp, (logits,) = _as_arrays([('logits', logits)])
+    p = _Problem(xp, logits, None, False, -100, axis)
+    return _backend_for(xp).logsumexp(p).reshape(p.loss_shape)
+
+
+def gather_label_logit(logits, label, ignore_index=-100, axis=-1):
+    """The logit of each row's label (0 where the label is ``ignore_index``), range-checked."""
+    xp, (logits, label) = _as_arrays([('logits', logits), ('label', label)])
+    p = _Problem(xp, logits, label, False, ignore_index, axis)
+    picked, bad_row = _backend_for(xp).gather_label_logit(p)
+    p.check(bad_row)
+    return picked.reshape(p.loss_shape)

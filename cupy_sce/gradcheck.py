@@ -1,0 +1,115 @@
+"""Finite-difference check of the analytic gradient, for any shape, axis and backend.
+
+``check_gradient`` compares each backward path with central differences of
+``f(x) = sum(loss(x) * loss_grad)`` in float64.  ``scripts/gradcheck.py`` runs
+it over a matrix of cases; users can call it for their own shapes::
+
+    from cupy_sce.gradcheck import check_gradient
+    result = check_gradient((8, 5, 3), axis=1, soft_label=True)
+    assert result.passed, result
+"""
+import collections
+
+import numpy
+
+import cupy_sce
+
+PATHS = ('softmax', 'lse', 'fused')
+
+GradcheckResult = collections.namedtuple(
+    'GradcheckResult', 'max_abs_err max_rel_err passed')
+
+
+def _make_inputs(rng, shape, axis, soft_label, ignore_index, normalized):
+    x = rng.standard_normal(shape) * 2.0
+    K = shape[axis]
+    label_shape = list(shape)
+    label_shape[axis] = 1
+    if soft_label:
+        label = rng.random(shape)
+        if normalized:
+            label /= label.sum(axis=axis, keepdims=True)
+        else:
+            label *= 1.7  # rows sum to about 0.85 * K: the exact gradient differs from Paddle's here
+    else:
+        label = rng.integers(0, K, size=label_shape)
+        # about a quarter of the rows are ignored (ignore_index may lie inside [0, K))
+        label[rng.random(label_shape) < 0.25] = ignore_index
+    loss_grad = rng.uniform(0.5, 2.0, size=label_shape)
+    return x, label, loss_grad
+
+
+def analytic_gradient(xp, x, label, loss_grad, soft_label, ignore_index, axis, path):
+    """The gradient of ``sum(loss * loss_grad)`` by one of the backward ``PATHS``."""
+    kw = dict(soft_label=soft_label, ignore_index=ignore_index, axis=axis)
+    if path == 'softmax':
+        _, softmax = cupy_sce.softmax_with_cross_entropy(x, label, return_softmax=True, **kw)
+        return cupy_sce.softmax_with_cross_entropy_grad(loss_grad, softmax, label, **kw)
+    if path == 'lse':
+        _, lse = cupy_sce.forward(x, label, **kw)
+        return cupy_sce.backward(loss_grad, x, lse, label, **kw)
+    if path == 'fused':
+        return cupy_sce.forward_backward(x, label, loss_grad, **kw)[1]
+    raise ValueError('path must be one of {}, got {!r}'.format(PATHS, path))
+
+
+def check_gradient(shape, axis=-1, soft_label=False, ignore_index=-100, path='lse', xp=numpy,
+                   normalized=True, seed=0, eps=1e-6, atol=1e-6, rtol=1e-5):
+    """Compare the analytic gradient with central differences (float64).
+
+    ``xp`` picks the backend (``numpy`` or ``cupy``).  Returns a
+    ``GradcheckResult(max_abs_err, max_rel_err, passed)``; an element passes
+    when ``|analytic - numeric| <= atol + rtol * |numeric|``.
+    """
+    rng = numpy.random.default_rng(seed)
+    x, label, loss_grad = _make_inputs(rng, tuple(shape), axis, soft_label, ignore_index,
+                                       normalized)
+    kw = dict(soft_label=soft_label, ignore_index=ignore_index, axis=axis)
+    x_dev, label_dev, g_dev = xp.asarray(x), xp.asarray(label), xp.asarray(loss_grad)
+    analytic = numpy.asarray(_to_host(analytic_gradient(xp, x_dev, label_dev, g_dev, path=path, **kw)))
+
+    def objective(values):
+        loss = cupy_sce.softmax_with_cross_entropy(xp.asarray(values), label_dev, **kw)
+        return float((_to_host(loss) * loss_grad).sum())
+
+    numeric = numpy.empty_like(x)
+    flat_x, flat_numeric = x.reshape(-1), numeric.reshape(-1)
+    for i in range(flat_x.size):
+        saved = flat_x[i]
+        flat_x[i] = saved + eps
+        f_plus = objective(x)
+        flat_x[i] = saved - eps
+        f_minus = objective(x)
+        flat_x[i] = saved
+        flat_numeric[i] = (f_plus - f_minus) / (2 * eps)
+    err = numpy.abs(analytic - numeric)
+    max_abs = float(err.max()) if err.size else 0.0
+    max_rel = float((err / numpy.maximum(numpy.abs(numeric), 1e-12)).max()) if err.size else 0.0
+    passed = bool(numpy.all(err <= atol + rtol * numpy.abs(numeric)))
+    return GradcheckResult(max_abs, max_rel, passed)
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, 'get') else a
+
+
+def default_cases():
+    """The matrix ``scripts/gradcheck.py`` runs: (name, kwargs for check_gradient)."""
+    cases = []
+    shapes = [((6, 5), 1), ((6, 5), 0), ((6, 5), -1), ((3, 4, 5), 1), ((3, 4, 5), -1),
+              ((2, 3, 4, 3), 1), ((2, 3, 4, 3), 0), ((2, 3, 2, 4), -1)]
+    for shape, axis in shapes:
+        for path in PATHS:
+            cases.append(('hard {} axis={} {}'.format(shape, axis, path),
+                          dict(shape=shape, axis=axis, path=path)))
+    for shape, axis in [((6, 5), -1), ((3, 4, 5), 1), ((2, 3, 4, 3), 0)]:
+        for path in PATHS:
+            cases.append(('hard ignore_index=2 {} axis={} {}'.format(shape, axis, path),
+                          dict(shape=shape, axis=axis, path=path, ignore_index=2)))
+            cases.append(('soft {} axis={} {}'.format(shape, axis, path),
+                          dict(shape=shape, axis=axis, path=path, soft_label=True)))
+            cases.append(('soft unnormalized {} axis={} {}'.format(shape, axis, path),
+                          dict(shape=shape, axis=axis, path=path, soft_label=True,
+                               normalized=False)))
+    cases.append(('hard K=1 (4, 1) lse', dict(shape=(4, 1), path='lse')))
+    return cases
