@@ -1,2 +1,238 @@
+"""Execute cupy_sce's CUDA kernels on the CPU (test infrastructure).
+
+The very ``.cu`` sources of ``cupy_sce/kernels`` are compiled with g++ (C++20)
+together with ``cuda_host_shim.h`` (CUDA built-ins on fibers) and
+``harness_main.cpp`` (scheduler, launch entry point, and a registry of every
+instantiation in ``cupy_sce._kernels.name_expressions``).  ``launch`` mirrors
+``cupy.RawKernel.__call__``: ``launch(name, grid, block, args, shared_mem=0)``
+with NumPy arrays standing in for device arrays and NumPy scalars passed by
+value.
+
+``backend()`` returns the real ``CupyBackend`` driven by a runtime whose array
+module is NumPy and whose kernels run here, so the backend's host logic
+(kernel choice, launch geometry, argument packing, the label-range flag) is
+exercised end to end::
+
+    with cupy_sce._api.use_backend(harness.backend()):
+        loss = cupy_sce.softmax_with_cross_entropy(numpy_logits, numpy_label)
+
+Set ``CUPY_SCE_HARNESS_ASAN=1`` (and preload libasan, see ``asan_env()``) to
+load the AddressSanitizer build instead.  Builds are cached by content hash
+in ``CUPY_SCE_HARNESS_DIR`` (default: a folder in the temp directory).
+"""
+import ctypes
+import functools
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy
+
+from cupy_sce import _cupy_backend, _kernels
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = (os.path.join(HERE, 'cuda_host_shim.h'), os.path.join(HERE, 'harness_main.cpp'),
+           os.path.join(_kernels.KERNEL_DIR, 'sce.cu'), os.path.join(_kernels.KERNEL_DIR, 'sce_common.cuh'))
+DTYPES = (numpy.float16, numpy.float32, numpy.float64)
+COMMON_FLAGS = ['-std=c++20', '-fPIC', '-shared', '-fno-extern-tls-init', '-Wall', '-Wno-unused-variable',
+                '-Wno-unused-but-set-variable', '-Wno-unknown-pragmas']
+FLAGS = {False: ['-O2'], True: ['-O1', '-g', '-fsanitize=address', '-fno-omit-frame-pointer']}
+
+
+class HarnessError(RuntimeError):
+    """A kernel misbehaved under the harness (deadlock, bad shuffle, bad launch, ...)."""
+
+
+def _cccl_include_dir():
+    """A directory holding <nv/target> (needed by cuda_fp16.h on the host)."""
+    candidates = []
+    try:
+        import cupy
+        candidates.append(os.path.join(os.path.dirname(cupy.__file__), '_core', 'include', 'cupy',
+                                       '_cccl', 'libcudacxx'))
+    except ImportError:
+        pass
+    for inc in _kernels.cuda_include_dirs():
+        candidates += [inc, os.path.join(inc, 'cccl')]
+    for c in candidates:
+        if os.path.exists(os.path.join(c, 'nv', 'target')):
+            return c
+    return None
+
+
+def include_dirs():
+    dirs = [HERE, _kernels.KERNEL_DIR] + _kernels.cuda_include_dirs()
+    cccl = _cccl_include_dir()
+    if cccl:
+        dirs.append(cccl)
+    return dirs
+
+
 def unavailable_reason():
-    return 'not built yet'
+    """Why the harness cannot be built here, or None."""
+    if shutil.which(os.environ.get('CXX', 'g++')) is None:
+        return 'no C++ compiler (g++) on PATH'
+    if not _kernels.cuda_include_dirs():
+        return 'cuda_fp16.h not found (install the test extra: nvidia-cuda-runtime, nvidia-cuda-crt)'
+    if _cccl_include_dir() is None:
+        return '<nv/target> not found (CuPy or the CUDA toolkit headers provide it)'
+    return None
+
+
+def registry_source():
+    """One SCE_KERNEL line per instantiation the backend can launch."""
+    names = [n for dt in DTYPES for n in _kernels.name_expressions(dt)]
+    return ''.join('SCE_KERNEL({})\n'.format(n) for n in names)
+
+
+def build(asan=False):
+    """Compile the harness library (cached); returns its path."""
+    reason = unavailable_reason()
+    if reason:
+        raise HarnessError(reason)
+    cxx = os.environ.get('CXX', 'g++')
+    flags = COMMON_FLAGS + FLAGS[asan] + ['-DSCE_HARNESS_SOURCE="sce.cu"']
+    digest = hashlib.sha256()
+    for path in SOURCES:
+        with open(path, 'rb') as f:
+            digest.update(f.read())
+    registry = registry_source()
+    digest.update(registry.encode())
+    digest.update(' '.join([cxx] + flags + include_dirs()).encode())
+    root = os.environ.get('CUPY_SCE_HARNESS_DIR') or os.path.join(
+        tempfile.gettempdir(), 'cupy_sce_harness_{}'.format(os.getuid()))
+    out_dir = os.path.join(root, digest.hexdigest()[:16] + ('-asan' if asan else ''))
+    lib = os.path.join(out_dir, 'libsce_harness.so')
+    if os.path.exists(lib):
+        return lib
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'registry.inc'), 'w') as f:
+        f.write(registry)
+    tmp = lib + '.tmp{}'.format(os.getpid())
+    cmd = [cxx] + flags + ['-I' + out_dir] + ['-I' + d for d in include_dirs()] + [
+        os.path.join(HERE, 'harness_main.cpp'), '-o', tmp]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise HarnessError('harness build failed:\n{}\n{}'.format(' '.join(cmd), result.stderr[-8000:]))
+    os.replace(tmp, lib)
+    return lib
+
+
+def asan_env(env=None):
+    """Environment for a subprocess that loads the ASan build: libasan preloaded."""
+    env = dict(os.environ if env is None else env)
+    cxx = os.environ.get('CXX', 'g++')
+    libasan = subprocess.run([cxx, '-print-file-name=libasan.so'], capture_output=True,
+                             text=True).stdout.strip()
+    env['LD_PRELOAD'] = libasan
+    env['ASAN_OPTIONS'] = 'detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86'
+    env['CUPY_SCE_HARNESS_ASAN'] = '1'
+    return env
+
+
+@functools.lru_cache(maxsize=None)
+def _library(asan):
+    lib = ctypes.CDLL(build(asan))
+    lib.sce_harness_launch.restype = ctypes.c_int
+    lib.sce_harness_launch.argtypes = [
+        ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_size_t,
+        ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t), ctypes.c_int,
+        ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_size_t]
+    lib.sce_harness_kernel_name.restype = ctypes.c_char_p
+    return lib
+
+
+def library():
+    return _library(os.environ.get('CUPY_SCE_HARNESS_ASAN') == '1')
+
+
+def kernel_names():
+    """The instantiations compiled into the harness."""
+    lib = library()
+    return [lib.sce_harness_kernel_name(i).decode() for i in range(lib.sce_harness_kernel_count())]
+
+
+def is_asan():
+    return bool(library().sce_harness_is_asan())
+
+
+def _dims(value):
+    dims = (value,) if isinstance(value, (int, numpy.integer)) else tuple(value)
+    dims = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+    return (ctypes.c_uint * 3)(*dims)
+
+
+def launch(name, grid, block, args, shared_mem=0, seed=None):
+    """Run kernel ``name`` on the CPU, like ``cupy.RawKernel(...)(grid, block, args, shared_mem=)``.
+
+    ``args``: C-contiguous NumPy arrays (passed as pointers) and NumPy scalars
+    (passed by value, with their own size, which must equal the parameter's).
+    """
+    holders = []
+    ptrs = (ctypes.c_void_p * max(len(args), 1))()
+    sizes = (ctypes.c_size_t * max(len(args), 1))()
+    for i, arg in enumerate(args):
+        if isinstance(arg, numpy.ndarray):
+            if not arg.flags.c_contiguous:
+                raise HarnessError('{}: argument {} is a non-contiguous array'.format(name, i))
+            holder = ctypes.c_void_p(arg.ctypes.data)
+            sizes[i] = ctypes.sizeof(ctypes.c_void_p)
+        elif isinstance(arg, numpy.generic):
+            holder = ctypes.create_string_buffer(arg.tobytes(), arg.itemsize)
+            sizes[i] = arg.itemsize
+        else:
+            raise HarnessError('{}: argument {} is a {}, not a NumPy array or scalar'.format(
+                name, i, type(arg).__name__))
+        holders.append(holder)
+        ptrs[i] = ctypes.cast(ctypes.byref(holder), ctypes.c_void_p)
+    if seed is None:
+        seed = int(os.environ.get('CUPY_SCE_HARNESS_SEED', '12345'))
+    error = ctypes.create_string_buffer(4096)
+    status = library().sce_harness_launch(name.encode(), _dims(grid), _dims(block), int(shared_mem),
+                                          ptrs, sizes, len(args), seed, error, len(error))
+    if status:
+        raise HarnessError(error.value.decode())
+
+
+class _HarnessKernel:
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        launch(self.name, grid, block, args, shared_mem=shared_mem)
+
+
+class HarnessRuntime:
+    """The CuPy backend's runtime with NumPy arrays and kernels executed on the CPU."""
+    xp = numpy
+
+    def __init__(self):
+        self.launched = []  # kernel names, in order: tests check which variant ran
+
+    def kernel(self, dtype, name):
+        if name not in _kernels.name_expressions(dtype):
+            raise HarnessError('{} is not in _kernels.name_expressions({})'.format(name, numpy.dtype(dtype)))
+        self.launched.append(name)
+        return _HarnessKernel(name)
+
+    @staticmethod
+    def address(array):
+        return array.ctypes.data
+
+    @staticmethod
+    def read_scalar(array):
+        return int(array[0])
+
+
+def backend():
+    """A ``CupyBackend`` whose kernels run on the CPU (see module docstring)."""
+    return _cupy_backend.CupyBackend(HarnessRuntime())
+
+
+if __name__ == '__main__':  # python -m cupy_sce.testing.harness [--asan]: build and list
+    print(build('--asan' in sys.argv))
+    print('\n'.join(glob.glob(os.path.dirname(build('--asan' in sys.argv)) + '/*')))

@@ -1,0 +1,118 @@
+"""CUDA sources, their template instantiations and their compilation.
+
+The kernels live in ``cupy_sce/kernels/*.cu|*.cuh`` (package data, read with
+``open()``).  ``name_expressions(dtype)`` is the one list of every
+instantiation the backend can launch; the NVRTC compile test and the host
+harness both use it, so a kernel the backend can ask for is a kernel that CI
+compiles and executes.
+"""
+import os
+
+import numpy
+
+KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels')
+MAIN_SOURCE = 'sce.cu'
+
+CUDA_TYPE = {numpy.dtype(numpy.float16): '__half', numpy.dtype(numpy.float32): 'float',
+             numpy.dtype(numpy.float64): 'double'}
+LABEL_TYPE = {numpy.dtype(numpy.int32): 'int', numpy.dtype(numpy.int64): 'long long'}
+ACC_TYPE = {'__half': 'float', 'float': 'float', 'double': 'double'}
+
+
+def vector_width(dtype):
+    """Elements per 16-byte vector load for logits of ``dtype``."""
+    return 16 // numpy.dtype(dtype).itemsize
+
+
+def fused_name(dtype, label_type, vec):
+    return 'sce_fused_rows<{}, {}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], label_type, vec)
+
+
+def row_max_name(dtype, vec):
+    return 'sce_row_max<{}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], vec)
+
+
+def gather_name(dtype, label_type):
+    return 'sce_gather_label<{}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], label_type)
+
+
+def label_types(dtype):
+    """Hard label types, then the soft label type (the accumulation type)."""
+    return list(LABEL_TYPE.values()) + [ACC_TYPE[CUDA_TYPE[numpy.dtype(dtype)]]]
+
+
+def name_expressions(dtype):
+    """Every instantiation the backend can launch for logits of ``dtype``."""
+    vecs = (1, vector_width(dtype))
+    names = [fused_name(dtype, lt, v) for lt in label_types(dtype) for v in vecs]
+    names += [row_max_name(dtype, v) for v in vecs]
+    names += [gather_name(dtype, lt) for lt in LABEL_TYPE.values()]
+    return names
+
+
+def read_source(name=MAIN_SOURCE):
+    with open(os.path.join(KERNEL_DIR, name)) as f:
+        return f.read()
+
+
+def cuda_include_dirs():
+    """Directories with cuda_fp16.h and what it includes, from the pip CUDA packages if present."""
+    dirs = []
+    try:
+        import nvidia
+        for base in nvidia.__path__:
+            for sub in ('cu13', 'cuda_runtime'):
+                inc = os.path.join(base, sub, 'include')
+                if os.path.exists(os.path.join(inc, 'cuda_fp16.h')):
+                    dirs.append(inc)
+    except ImportError:
+        pass
+    cuda_path = os.environ.get('CUDA_PATH', '/usr/local/cuda')
+    if os.path.exists(os.path.join(cuda_path, 'include', 'cuda_fp16.h')):
+        dirs.append(os.path.join(cuda_path, 'include'))
+    return dirs
+
+
+def nvrtc_options():
+    """The options the backend compiles with (the NVRTC test uses the same)."""
+    return ('--std=c++17', '-I' + KERNEL_DIR) + tuple('-I' + d for d in cuda_include_dirs())
+
+
+try:
+    import cupy
+except ImportError:  # pragma: no cover
+    cupy = None
+
+if cupy is not None:
+    @cupy.memoize(for_each_device=True)
+    def _module(dtype_char):
+        dtype = numpy.dtype(dtype_char)
+        return cupy.RawModule(code=read_source(), options=nvrtc_options(),
+                              name_expressions=name_expressions(dtype))
+
+    def get_function(dtype, name):
+        """The kernel ``name`` (one of ``name_expressions(dtype)``) on the current device."""
+        return _module(numpy.dtype(dtype).char).get_function(name)
+
+
+def nvrtc_compile(dtype, arch):
+    """Compile every instantiation for ``dtype`` with NVRTC for ``arch`` (e.g. 'compute_90').
+
+    Needs no GPU.  Returns the PTX; raises ``RuntimeError`` with the compiler log on error.
+    """
+    from cupy.cuda import nvrtc
+    names = name_expressions(dtype)
+    prog = nvrtc.createProgram(read_source(), MAIN_SOURCE, [], [])
+    try:
+        for name in names:
+            nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, list(nvrtc_options()) + ['-arch=' + arch])
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError('NVRTC failed for {} ({}):\n{}'.format(
+                arch, numpy.dtype(dtype), nvrtc.getProgramLog(prog))) from exc
+        for name in names:
+            nvrtc.getLoweredName(prog, name)  # raises if an instantiation is missing
+        return nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)

@@ -1,0 +1,335 @@
+// harness_main.cpp -- the fiber scheduler behind cuda_host_shim.h and the C entry point that
+// cupy_sce/testing/harness.py calls through ctypes.
+//
+// Built as a shared library from: this file, the kernel source named by SCE_HARNESS_SOURCE and
+// a generated registry.inc with one SCE_KERNEL(name<...>) line per template instantiation
+// (cupy_sce._kernels.name_expressions, the backend's own list).
+#include "cuda_host_shim.h"
+
+#include SCE_HARNESS_SOURCE
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <utility>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define SCE_ASAN 1
+#endif
+
+thread_local __attribute__((aligned(16))) unsigned char sce_dynamic_smem_bytes[sce_host::kMaxDynamicSmem];
+
+namespace sce_host {
+
+thread_local uint3 block_idx;
+thread_local dim3 block_dim;
+thread_local dim3 grid_dim;
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct FiberImpl : Fiber {
+    ucontext_t ctx;
+    char* stack;
+    bool done;
+    const char* waiting;  // what the fiber is blocked on, for the deadlock report
+};
+
+struct WarpBarrier {
+    unsigned mask;
+    unsigned arrived;
+    unsigned long long generation;
+};
+
+struct WarpState {
+    std::vector<WarpBarrier> barriers;
+    unsigned long long slots[kWarpSize];
+    unsigned present;  // lanes that exist (the last warp of a block may be partial)
+};
+
+struct BlockState {
+    std::vector<FiberImpl> fibers;
+    std::vector<WarpState> warps;
+    FiberImpl* current = nullptr;
+    ucontext_t scheduler;
+    int nthreads = 0;
+    int exited = 0;
+    int bar_arrived = 0;
+    unsigned long long bar_generation = 0;
+    unsigned long long events = 0;  // arrivals, releases and exits: progress, for deadlock detection
+    std::string error;
+    void (*invoke)(void**) = nullptr;
+    void** args = nullptr;
+    const void* main_stack_bottom = nullptr;
+    size_t main_stack_size = 0;
+};
+
+thread_local BlockState* g_block = nullptr;
+thread_local std::vector<std::vector<char>> g_stacks;  // reused across blocks and launches
+
+Fiber& this_fiber() { return *g_block->current; }
+BlockState& this_block() { return *g_block; }
+int lane_id() { return g_block->current->linear % kWarpSize; }
+unsigned long long& warp_slot(int lane) { return g_block->warps[g_block->current->linear / kWarpSize].slots[lane]; }
+
+static void yield_to_scheduler() {
+    BlockState& b = *g_block;
+#ifdef SCE_ASAN
+    void* fake_stack = nullptr;
+    __sanitizer_start_switch_fiber(&fake_stack, b.main_stack_bottom, b.main_stack_size);
+#endif
+    swapcontext(&b.current->ctx, &b.scheduler);
+#ifdef SCE_ASAN
+    __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+static std::string where() {
+    const FiberImpl& f = *g_block->current;
+    char buf[160];
+    std::snprintf(buf, sizeof buf, " [block (%u,%u,%u), thread (%u,%u,%u)]", block_idx.x, block_idx.y,
+                  block_idx.z, f.thread_idx.x, f.thread_idx.y, f.thread_idx.z);
+    return buf;
+}
+
+void fail(const std::string& message) {
+    BlockState& b = *g_block;
+    if (b.error.empty()) b.error = message + where();
+    for (;;) yield_to_scheduler();  // parked for good: the launch stops
+}
+
+void barrier_block() {
+    BlockState& b = *g_block;
+    if (b.exited) fail("__syncthreads reached after " + std::to_string(b.exited) + " thread(s) of the block exited");
+    const unsigned long long generation = b.bar_generation;
+    ++b.events;
+    if (++b.bar_arrived == b.nthreads) {
+        b.bar_arrived = 0;
+        ++b.bar_generation;
+        return;
+    }
+    b.current->waiting = "__syncthreads";
+    while (b.bar_generation == generation) yield_to_scheduler();
+    b.current->waiting = nullptr;
+}
+
+static WarpBarrier* find_barrier(WarpState& w, unsigned mask) {
+    for (auto& bar : w.barriers) if (bar.mask == mask) return &bar;
+    return nullptr;
+}
+
+void barrier_warp(unsigned mask, const char* what) {
+    BlockState& b = *g_block;
+    FiberImpl& f = *b.current;
+    WarpState& w = b.warps[f.linear / kWarpSize];
+    const int lane = f.linear % kWarpSize;
+    if (mask & ~w.present) fail(std::string(what) + ": mask names lanes that do not exist in this warp");
+    if (!(mask >> lane & 1u)) fail(std::string(what) + ": calling lane is not in the mask");
+    WarpBarrier* bar = find_barrier(w, mask);
+    if (bar == nullptr) {
+        for (auto& other : w.barriers) {
+            if (other.arrived && (other.mask & mask)) {
+                fail(std::string(what) + ": lanes of one warp wait with overlapping, different masks");
+            }
+        }
+        w.barriers.push_back(WarpBarrier{mask, 0u, 0ull});
+        bar = &w.barriers.back();
+    }
+    const unsigned long long generation = bar->generation;
+    ++b.events;
+    bar->arrived |= 1u << lane;
+    if (bar->arrived == mask) {
+        bar->arrived = 0;
+        ++bar->generation;
+        return;
+    }
+    f.waiting = what;
+    while (find_barrier(w, mask)->generation == generation) yield_to_scheduler();
+    f.waiting = nullptr;
+}
+
+static void fiber_main() {
+    BlockState& b = *g_block;
+#ifdef SCE_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &b.main_stack_bottom, &b.main_stack_size);
+#endif
+    b.invoke(b.args);
+    b.current->done = true;
+    ++b.exited;
+    ++b.events;
+#ifdef SCE_ASAN
+    __sanitizer_start_switch_fiber(nullptr, b.main_stack_bottom, b.main_stack_size);
+#endif
+    // returning resumes uc_link: the scheduler
+}
+
+static void resume(BlockState& b, FiberImpl& f) {
+    b.current = &f;
+#ifdef SCE_ASAN
+    void* fake_stack = nullptr;
+    __sanitizer_start_switch_fiber(&fake_stack, f.stack, kStackBytes);
+#endif
+    swapcontext(&b.scheduler, &f.ctx);
+#ifdef SCE_ASAN
+    __sanitizer_finish_switch_fiber(fake_stack, &b.main_stack_bottom, &b.main_stack_size);
+#endif
+}
+
+static bool run_block(BlockState& b, std::mt19937_64& rng) {
+    const int n = b.nthreads;
+    b.fibers.assign(n, FiberImpl{});
+    b.warps.assign((n + kWarpSize - 1) / kWarpSize, WarpState{});
+    for (size_t w = 0; w < b.warps.size(); ++w) {
+        const int lanes = std::min(kWarpSize, n - (int)w * kWarpSize);
+        b.warps[w].present = lanes == kWarpSize ? 0xffffffffu : ((1u << lanes) - 1u);
+    }
+    b.exited = b.bar_arrived = 0;
+    while ((int)g_stacks.size() < n) g_stacks.emplace_back(kStackBytes);
+    for (int t = 0; t < n; ++t) {
+        FiberImpl& f = b.fibers[t];
+        f.linear = t;
+        f.thread_idx = make_uint3(t % block_dim.x, (t / block_dim.x) % block_dim.y, t / (block_dim.x * block_dim.y));
+        f.stack = g_stacks[t].data();
+#ifdef SCE_ASAN
+        ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);  // frames of fibers parked by an error
+#endif
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = &b.scheduler;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    std::vector<int> order(n);
+    for (int t = 0; t < n; ++t) order[t] = t;
+    int live = n;
+    while (live > 0) {
+        const unsigned long long before = b.events;
+        std::shuffle(order.begin(), order.end(), rng);
+        for (int t : order) {
+            FiberImpl& f = b.fibers[t];
+            if (f.done) continue;
+            resume(b, f);
+            if (!b.error.empty()) return false;
+            if (f.done) --live;
+        }
+        if (live > 0 && b.events == before) {
+            std::string report = "deadlock: no thread can make progress;";
+            int shown = 0;
+            for (const auto& f : b.fibers) {
+                if (f.done || shown >= 4) continue;
+                ++shown;
+                report += " thread " + std::to_string(f.linear) + " waits at " + (f.waiting ? f.waiting : "?") + ";";
+            }
+            report += " " + std::to_string(b.exited) + " thread(s) exited";
+            char buf[64];
+            std::snprintf(buf, sizeof buf, " [block (%u,%u,%u)]", block_idx.x, block_idx.y, block_idx.z);
+            b.error = report + buf;
+            return false;
+        }
+    }
+    return true;
+}
+
+// ---------------------------------------------------------------- kernel registry
+
+struct Entry {
+    const char* name;
+    void (*invoke)(void**);
+    int nargs;
+    const size_t* arg_sizes;
+};
+
+template <typename F, F fn> struct Invoker;
+template <typename... Args, void (*fn)(Args...)> struct Invoker<void (*)(Args...), fn> {
+    static constexpr size_t sizes[sizeof...(Args) + 1] = {sizeof(Args)..., 0};
+    template <size_t... I> static void call(void** args, std::index_sequence<I...>) {
+        fn(*static_cast<Args*>(args[I])...);
+    }
+    static void invoke(void** args) { call(args, std::index_sequence_for<Args...>{}); }
+    static Entry entry(const char* name) { return Entry{name, &invoke, (int)sizeof...(Args), sizes}; }
+};
+
+#define SCE_KERNEL(...) ::sce_host::Invoker<decltype(&__VA_ARGS__), &__VA_ARGS__>::entry(#__VA_ARGS__),
+
+static const Entry kRegistry[] = {
+#include "registry.inc"
+};
+
+}  // namespace sce_host
+
+extern "C" {
+
+int sce_harness_kernel_count() { return (int)(sizeof sce_host::kRegistry / sizeof sce_host::kRegistry[0]); }
+
+const char* sce_harness_kernel_name(int i) { return sce_host::kRegistry[i].name; }
+
+int sce_harness_is_asan() {
+#ifdef SCE_ASAN
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// Launch `name` like cupy.RawKernel: args[i] points at the i-th argument's bytes (a pointer
+// argument's bytes are the address), arg_sizes[i] is their size.  Returns 0, or 1 with a message.
+int sce_harness_launch(const char* name, const unsigned* grid, const unsigned* block, size_t shared_mem,
+                       void** args, const size_t* arg_sizes, int nargs, unsigned long long seed,
+                       char* error, size_t error_len) {
+    using namespace sce_host;
+    auto report = [&](const std::string& message) {
+        std::snprintf(error, error_len, "%s: %s", name, message.c_str());
+        return 1;
+    };
+    const Entry* entry = nullptr;
+    for (const auto& e : kRegistry) if (std::strcmp(e.name, name) == 0) entry = &e;
+    if (entry == nullptr) return report("no such kernel instantiation in the registry");
+    if (nargs != entry->nargs) {
+        return report("kernel takes " + std::to_string(entry->nargs) + " arguments, got " + std::to_string(nargs));
+    }
+    for (int i = 0; i < nargs; ++i) {
+        if (arg_sizes[i] != entry->arg_sizes[i]) {
+            return report("argument " + std::to_string(i) + " is " + std::to_string(arg_sizes[i]) +
+                          " bytes but the kernel parameter takes " + std::to_string(entry->arg_sizes[i]));
+        }
+    }
+    const unsigned long long threads = (unsigned long long)block[0] * block[1] * block[2];
+    if (threads == 0 || threads > 1024) return report("block of " + std::to_string(threads) + " threads (1..1024)");
+    if (block[2] > 64) return report("blockDim.z > 64");
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return report("empty grid");
+    if (grid[0] > 2147483647u || grid[1] > 65535u || grid[2] > 65535u) return report("grid too large");
+    if (shared_mem > kMaxDynamicSmem) {
+        return report(std::to_string(shared_mem) + " bytes of dynamic shared memory (48 KiB without opt-in)");
+    }
+    BlockState b;
+    b.nthreads = (int)threads;
+    b.invoke = entry->invoke;
+    b.args = args;
+    block_dim = dim3(block[0], block[1], block[2]);
+    grid_dim = dim3(grid[0], grid[1], grid[2]);
+    g_block = &b;
+#ifdef SCE_ASAN
+    ASAN_POISON_MEMORY_REGION(sce_dynamic_smem_bytes + shared_mem, kMaxDynamicSmem - shared_mem);
+#endif
+    int status = 0;
+    for (unsigned z = 0; z < grid[2] && !status; ++z) {
+        for (unsigned y = 0; y < grid[1] && !status; ++y) {
+            for (unsigned x = 0; x < grid[0] && !status; ++x) {
+                block_idx = make_uint3(x, y, z);
+                std::mt19937_64 rng(seed ^ (0x9e3779b97f4a7c15ull * (1 + x + 65536ull * (y + 65536ull * z))));
+                std::memset(sce_dynamic_smem_bytes, 0xff, shared_mem);  // unwritten shared memory reads as NaN
+                if (!run_block(b, rng)) status = report(b.error);
+            }
+        }
+    }
+#ifdef SCE_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(sce_dynamic_smem_bytes, kMaxDynamicSmem);
+#endif
+    g_block = nullptr;
+    return status;
+}
+
+}  // extern "C"
