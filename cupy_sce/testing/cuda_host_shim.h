@@ -5,9 +5,10 @@
 //
 //   * every thread of a block is a fiber (ucontext) with its own stack, so a thread can stop at
 //     a barrier or a shuffle and let the others catch up, exactly where a GPU thread would;
-//   * blocks run one after another; within a block, the scheduler resumes the live fibers in a
-//     new pseudo-random order each round (seeded), so code that forgets a barrier reads data
-//     that is not written yet, or is overwritten too early, and the tests see it;
+//   * blocks run one after another; within a block, warps are picked in a pseudo-random
+//     (seeded) order and each runs as far as it can before the next, as independent warps do
+//     on a GPU, so code that forgets a barrier reads shared data that is not written yet, or
+//     that another warp has already overwritten, and the tests see it;
 //   * __syncthreads is a block barrier; a barrier that some threads never reach (divergence,
 //     early exit) is reported as a deadlock instead of hanging;
 //   * warp shuffles (__shfl_sync / _xor / _down / _up, any width, full or partial masks) and

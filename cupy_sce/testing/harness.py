@@ -35,8 +35,6 @@ import numpy
 from cupy_sce import _cupy_backend, _kernels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = (os.path.join(HERE, 'cuda_host_shim.h'), os.path.join(HERE, 'harness_main.cpp'),
-           os.path.join(_kernels.KERNEL_DIR, 'sce.cu'), os.path.join(_kernels.KERNEL_DIR, 'sce_common.cuh'))
 DTYPES = (numpy.float16, numpy.float32, numpy.float64)
 COMMON_FLAGS = ['-std=c++20', '-fPIC', '-shared', '-fno-extern-tls-init', '-Wall', '-Wno-unused-variable',
                 '-Wno-unused-but-set-variable', '-Wno-unknown-pragmas']
@@ -83,26 +81,33 @@ def unavailable_reason():
     return None
 
 
-def registry_source():
-    """One SCE_KERNEL line per instantiation the backend can launch."""
-    names = [n for dt in DTYPES for n in _kernels.name_expressions(dt)]
+def registry_source(names=None):
+    """One SCE_KERNEL line per instantiation (default: every one the backend can launch)."""
+    if names is None:
+        names = [n for dt in DTYPES for n in _kernels.name_expressions(dt)]
     return ''.join('SCE_KERNEL({})\n'.format(n) for n in names)
 
 
-def build(asan=False):
-    """Compile the harness library (cached); returns its path."""
+def build(asan=False, kernel_dir=None, source='sce.cu', names=None):
+    """Compile the harness library for ``kernel_dir/source`` (cached by content); returns its path.
+
+    Defaults: the package's kernels and every instantiation in ``name_expressions``.
+    """
     reason = unavailable_reason()
     if reason:
         raise HarnessError(reason)
+    kernel_dir = os.path.abspath(kernel_dir or _kernels.KERNEL_DIR)
     cxx = os.environ.get('CXX', 'g++')
-    flags = COMMON_FLAGS + FLAGS[asan] + ['-DSCE_HARNESS_SOURCE="sce.cu"']
+    flags = COMMON_FLAGS + FLAGS[asan] + ['-DSCE_HARNESS_SOURCE="{}"'.format(source)]
+    includes = [HERE, kernel_dir] + include_dirs()[2:]
     digest = hashlib.sha256()
-    for path in SOURCES:
+    for path in sorted(glob.glob(os.path.join(kernel_dir, '*.cu*'))) + [
+            os.path.join(HERE, 'cuda_host_shim.h'), os.path.join(HERE, 'harness_main.cpp')]:
         with open(path, 'rb') as f:
-            digest.update(f.read())
-    registry = registry_source()
+            digest.update(path.encode() + f.read())
+    registry = registry_source(names)
     digest.update(registry.encode())
-    digest.update(' '.join([cxx] + flags + include_dirs()).encode())
+    digest.update(' '.join([cxx] + flags + includes).encode())
     root = os.environ.get('CUPY_SCE_HARNESS_DIR') or os.path.join(
         tempfile.gettempdir(), 'cupy_sce_harness_{}'.format(os.getuid()))
     out_dir = os.path.join(root, digest.hexdigest()[:16] + ('-asan' if asan else ''))
@@ -113,7 +118,7 @@ def build(asan=False):
     with open(os.path.join(out_dir, 'registry.inc'), 'w') as f:
         f.write(registry)
     tmp = lib + '.tmp{}'.format(os.getpid())
-    cmd = [cxx] + flags + ['-I' + out_dir] + ['-I' + d for d in include_dirs()] + [
+    cmd = [cxx] + flags + ['-I' + out_dir] + ['-I' + d for d in includes] + [
         os.path.join(HERE, 'harness_main.cpp'), '-o', tmp]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -122,32 +127,42 @@ def build(asan=False):
     return lib
 
 
-def asan_env(env=None):
-    """Environment for a subprocess that loads the ASan build: libasan preloaded."""
+def asan_env(env=None, log_dir=None):
+    """Environment for a subprocess that loads the ASan build: libasan preloaded.
+
+    ``log_dir``: ASan writes its reports there (asan.PID) -- a test runner that
+    captures stderr loses them when ASan ends the process.
+    """
     env = dict(os.environ if env is None else env)
     cxx = os.environ.get('CXX', 'g++')
     libasan = subprocess.run([cxx, '-print-file-name=libasan.so'], capture_output=True,
                              text=True).stdout.strip()
     env['LD_PRELOAD'] = libasan
-    env['ASAN_OPTIONS'] = 'detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86'
+    env['ASAN_OPTIONS'] = 'detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86' + (
+        ':log_path=' + os.path.join(log_dir, 'asan') if log_dir else '')
     env['CUPY_SCE_HARNESS_ASAN'] = '1'
     return env
 
 
 @functools.lru_cache(maxsize=None)
-def _library(asan):
-    lib = ctypes.CDLL(build(asan))
+def load(path):
+    """ctypes handle of a built harness library."""
+    lib = ctypes.CDLL(path)
     lib.sce_harness_launch.restype = ctypes.c_int
     lib.sce_harness_launch.argtypes = [
         ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_size_t,
         ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t), ctypes.c_int,
-        ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_size_t]
+        ctypes.c_ulonglong, ctypes.POINTER(ctypes.c_uint), ctypes.c_size_t, ctypes.c_char_p,
+        ctypes.c_size_t]
     lib.sce_harness_kernel_name.restype = ctypes.c_char_p
     return lib
 
 
 def library():
-    return _library(os.environ.get('CUPY_SCE_HARNESS_ASAN') == '1')
+    """The library the backend uses: the package's kernels, or CUPY_SCE_HARNESS_KERNEL_DIR's
+    (mutation tests), built with ASan when CUPY_SCE_HARNESS_ASAN=1."""
+    return load(build(asan=os.environ.get('CUPY_SCE_HARNESS_ASAN') == '1',
+                      kernel_dir=os.environ.get('CUPY_SCE_HARNESS_KERNEL_DIR')))
 
 
 def kernel_names():
@@ -166,11 +181,14 @@ def _dims(value):
     return (ctypes.c_uint * 3)(*dims)
 
 
-def launch(name, grid, block, args, shared_mem=0, seed=None):
+def launch(name, grid, block, args, shared_mem=0, seed=None, blocks=None, lib=None):
     """Run kernel ``name`` on the CPU, like ``cupy.RawKernel(...)(grid, block, args, shared_mem=)``.
 
     ``args``: C-contiguous NumPy arrays (passed as pointers) and NumPy scalars
     (passed by value, with their own size, which must equal the parameter's).
+    ``blocks``: run only these blockIdx.x values (default: the whole grid) --
+    for index arithmetic at the far end of a huge grid.  ``lib``: a handle
+    from ``load()`` (default: ``library()``).
     """
     holders = []
     ptrs = (ctypes.c_void_p * max(len(args), 1))()
@@ -191,9 +209,11 @@ def launch(name, grid, block, args, shared_mem=0, seed=None):
         ptrs[i] = ctypes.cast(ctypes.byref(holder), ctypes.c_void_p)
     if seed is None:
         seed = int(os.environ.get('CUPY_SCE_HARNESS_SEED', '12345'))
+    only = (ctypes.c_uint * max(len(blocks or ()), 1))(*(blocks or ()))
     error = ctypes.create_string_buffer(4096)
-    status = library().sce_harness_launch(name.encode(), _dims(grid), _dims(block), int(shared_mem),
-                                          ptrs, sizes, len(args), seed, error, len(error))
+    status = (lib or library()).sce_harness_launch(
+        name.encode(), _dims(grid), _dims(block), int(shared_mem), ptrs, sizes, len(args), seed,
+        only, len(blocks or ()), error, len(error))
     if status:
         raise HarnessError(error.value.decode())
 
@@ -233,6 +253,5 @@ def backend():
     return _cupy_backend.CupyBackend(HarnessRuntime())
 
 
-if __name__ == '__main__':  # python -m cupy_sce.testing.harness [--asan]: build and list
-    print(build('--asan' in sys.argv))
-    print('\n'.join(glob.glob(os.path.dirname(build('--asan' in sys.argv)) + '/*')))
+if __name__ == '__main__':  # python -m cupy_sce.testing.harness [--asan]: build, print the path
+    print(build(asan='--asan' in sys.argv))

@@ -202,18 +202,35 @@ static bool run_block(BlockState& b, std::mt19937_64& rng) {
         f.ctx.uc_link = &b.scheduler;
         makecontext(&f.ctx, fiber_main, 0);
     }
-    std::vector<int> order(n);
-    for (int t = 0; t < n; ++t) order[t] = t;
+    // Warps are independent on a GPU: one can run far ahead of another between two block
+    // barriers.  So the scheduler picks warps in a random order and runs each as far as it
+    // gets (until every lane waits at a block barrier or has exited); lanes within a warp
+    // are resumed in a random order too.  A missing barrier then lets a warp read shared
+    // memory that another warp has not written yet -- or overwrite it before that warp read it.
+    const int n_warps = (int)b.warps.size();
+    std::vector<int> warp_order(n_warps);
+    for (int w = 0; w < n_warps; ++w) warp_order[w] = w;
+    std::vector<int> lanes;
     int live = n;
     while (live > 0) {
         const unsigned long long before = b.events;
-        std::shuffle(order.begin(), order.end(), rng);
-        for (int t : order) {
-            FiberImpl& f = b.fibers[t];
-            if (f.done) continue;
-            resume(b, f);
-            if (!b.error.empty()) return false;
-            if (f.done) --live;
+        std::shuffle(warp_order.begin(), warp_order.end(), rng);
+        for (int w : warp_order) {
+            const int first = w * kWarpSize, last = std::min(n, first + kWarpSize);
+            lanes.clear();
+            for (int t = first; t < last; ++t) lanes.push_back(t);
+            for (;;) {
+                const unsigned long long warp_before = b.events;
+                std::shuffle(lanes.begin(), lanes.end(), rng);
+                for (int t : lanes) {
+                    FiberImpl& f = b.fibers[t];
+                    if (f.done) continue;
+                    resume(b, f);
+                    if (!b.error.empty()) return false;
+                    if (f.done) --live;
+                }
+                if (b.events == warp_before) break;  // every lane waits on other warps, or is done
+            }
         }
         if (live > 0 && b.events == before) {
             std::string report = "deadlock: no thread can make progress;";
@@ -276,9 +293,10 @@ int sce_harness_is_asan() {
 
 // Launch `name` like cupy.RawKernel: args[i] points at the i-th argument's bytes (a pointer
 // argument's bytes are the address), arg_sizes[i] is their size.  Returns 0, or 1 with a message.
+// only_blocks (n_only > 0): run just these blockIdx.x values (with y = z = 0).
 int sce_harness_launch(const char* name, const unsigned* grid, const unsigned* block, size_t shared_mem,
                        void** args, const size_t* arg_sizes, int nargs, unsigned long long seed,
-                       char* error, size_t error_len) {
+                       const unsigned* only_blocks, size_t n_only, char* error, size_t error_len) {
     using namespace sce_host;
     auto report = [&](const std::string& message) {
         std::snprintf(error, error_len, "%s: %s", name, message.c_str());
@@ -315,14 +333,21 @@ int sce_harness_launch(const char* name, const unsigned* grid, const unsigned* b
     ASAN_POISON_MEMORY_REGION(sce_dynamic_smem_bytes + shared_mem, kMaxDynamicSmem - shared_mem);
 #endif
     int status = 0;
-    for (unsigned z = 0; z < grid[2] && !status; ++z) {
+    auto run_one = [&](unsigned x, unsigned y, unsigned z) {
+        block_idx = make_uint3(x, y, z);
+        std::mt19937_64 rng(seed ^ (0x9e3779b97f4a7c15ull * (1 + x + 65536ull * (y + 65536ull * z))));
+        std::memset(sce_dynamic_smem_bytes, 0xff, shared_mem);  // unwritten shared memory reads as NaN
+        if (!run_block(b, rng)) status = report(b.error);
+    };
+    if (n_only > 0) {
+        for (size_t i = 0; i < n_only && !status; ++i) {
+            if (only_blocks[i] >= grid[0]) status = report("requested block outside the grid");
+            else run_one(only_blocks[i], 0, 0);
+        }
+    }
+    for (unsigned z = 0; z < grid[2] && !status && n_only == 0; ++z) {
         for (unsigned y = 0; y < grid[1] && !status; ++y) {
-            for (unsigned x = 0; x < grid[0] && !status; ++x) {
-                block_idx = make_uint3(x, y, z);
-                std::mt19937_64 rng(seed ^ (0x9e3779b97f4a7c15ull * (1 + x + 65536ull * (y + 65536ull * z))));
-                std::memset(sce_dynamic_smem_bytes, 0xff, shared_mem);  // unwritten shared memory reads as NaN
-                if (!run_block(b, rng)) status = report(b.error);
-            }
+            for (unsigned x = 0; x < grid[0] && !status; ++x) run_one(x, y, z);
         }
     }
 #ifdef SCE_ASAN
