@@ -93,6 +93,16 @@ def test_label_without_axis_dimension(backend):
     assert_all_outputs(backend, x, label, axis=1)
 
 
+def test_soft_labels_with_loss_grad_leave_inputs_untouched(backend):
+    rng = numpy.random.default_rng(31)
+    for shape, axis in (((4, 9), -1), ((3, 5, 4), 1)):
+        x, label = make_case(rng, shape, axis, soft=True, dtype=numpy.float64)
+        lshape = list(shape)
+        lshape[axis] = 1
+        g = rng.uniform(0.5, 2, lshape)
+        assert_all_outputs(backend, x, label, soft=True, axis=axis, loss_grad=g)
+
+
 def test_loss_grad_not_ones_and_axis_removed_shape(backend):
     rng = numpy.random.default_rng(3)
     x, label = make_case(rng, (4, 9, 3), 1)

@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""Benchmark cupy_sce against its peers, measured in the same run.
+
+    python scripts/bench.py [--quick] [--device cpu|gpu|all] [--threads N] [--repeat N] [--out DIR]
+
+CPU peers (whichever are installed): a naive NumPy composition, PyTorch CPU
+``F.cross_entropy(reduction='none')`` (+ ``.backward()``), and one
+single-threaded ``np.exp(x, out=y)`` pass over the logits (the floor a
+forward pass is measured against).  GPU peers: PyTorch CUDA and a naive CuPy
+composition.
+
+Per case it prints the median time over the repeats after a warm-up (CUDA
+events on a GPU), the effective GB/s under the byte model below, the ratio
+peer_time / cupy_sce_time for each peer (> 1: cupy_sce is faster), and on a
+GPU the fraction of the peak memory bandwidth.  It writes bench.csv and, with
+matplotlib installed, bench.png under --out.
+
+Byte model (what an ideal fused kernel must move; labels, loss and lse, a few
+bytes per row, are counted too):
+  forward           reads the logits once                      N*K*s
+  forward+softmax   reads the logits, writes the softmax       2*N*K*s
+  backward          reads the logits (+lse), writes the grad   2*N*K*s
+  forward+backward  reads the logits once, writes the grad     2*N*K*s   (also in place)
+where s is the logits' itemsize.
+"""
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+
+import numpy
+
+import cupy_sce
+
+CPU_CASES = [  # (name, shape, axis)
+    ('4096x32000', (4096, 32000), -1),
+    ('65536x1000', (65536, 1000), -1),
+    ('1048576x10', (1048576, 10), -1),
+    ('64x1000x256 axis=1', (64, 1000, 256), 1),
+]
+CPU_QUICK = [
+    ('512x32000', (512, 32000), -1),
+    ('8192x1000', (8192, 1000), -1),
+    ('131072x10', (131072, 10), -1),
+    ('8x1000x256 axis=1', (8, 1000, 256), 1),
+]
+GPU_CASES = CPU_CASES + [('8192x128256', (8192, 128256), -1)]
+GPU_QUICK = CPU_QUICK + [('1024x128256', (1024, 128256), -1)]
+OPS = ('forward', 'forward+softmax', 'backward', 'forward+backward', 'forward+backward inplace')
+
+
+# ---------------------------------------------------------------- inputs and the byte model
+
+def make_inputs(xp, shape, axis, dtype, seed=0):
+    rng = numpy.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=numpy.float32)
+    x *= 2
+    lshape = list(shape)
+    lshape[axis] = 1
+    label = rng.integers(0, shape[axis], size=lshape)
+    return xp.asarray(x.astype(dtype)), xp.asarray(label)
+
+
+def bytes_moved(op, shape, axis, itemsize):
+    n_elem = int(numpy.prod(shape))
+    rows = n_elem // shape[axis]
+    per_row = 8 + 2 * itemsize  # label, loss, lse (or loss_grad)
+    passes = 1 if op == 'forward' else 2
+    return passes * n_elem * itemsize + rows * per_row
+
+
+# ---------------------------------------------------------------- implementations
+
+def ours(op, x, label, axis, lse=None):
+    if op == 'forward':
+        return lambda: cupy_sce.softmax_with_cross_entropy(x, label, axis=axis)
+    if op == 'forward+softmax':
+        return lambda: cupy_sce.softmax_with_cross_entropy(x, label, axis=axis, return_softmax=True)
+    if op == 'backward':
+        return lambda: cupy_sce.backward(None, x, lse, label, axis=axis)
+    if op == 'forward+backward':
+        return lambda: cupy_sce.forward_backward(x, label, axis=axis)
+    if op == 'forward+backward inplace':
+        work = x.copy()
+        return lambda: cupy_sce.forward_backward(work, label, axis=axis, inplace=True)
+    raise ValueError(op)
+
+
+def naive(xp, op, x, label, axis):
+    """What a user writes by hand: max, exp, sum, log, gather (and softmax - onehot)."""
+    def softmax_parts():
+        shifted = x - x.max(axis=axis, keepdims=True)
+        e = xp.exp(shifted)
+        s = e.sum(axis=axis, keepdims=True)
+        return shifted, e, s
+
+    def forward():
+        shifted, _, s = softmax_parts()
+        return xp.log(s) - xp.take_along_axis(shifted, label, axis=axis)
+
+    def forward_softmax():
+        shifted, e, s = softmax_parts()
+        return xp.log(s) - xp.take_along_axis(shifted, label, axis=axis), e / s
+
+    def backward():
+        _, e, s = softmax_parts()
+        grad = e / s
+        xp.put_along_axis(grad, label, xp.take_along_axis(grad, label, axis=axis) - 1, axis=axis)
+        return grad
+
+    def forward_backward():
+        shifted, e, s = softmax_parts()
+        loss = xp.log(s) - xp.take_along_axis(shifted, label, axis=axis)
+        grad = e / s
+        xp.put_along_axis(grad, label, xp.take_along_axis(grad, label, axis=axis) - 1, axis=axis)
+        return loss, grad
+    return {'forward': forward, 'forward+softmax': forward_softmax, 'backward': backward,
+            'forward+backward': forward_backward, 'forward+backward inplace': None}[op]
+
+
+def torch_peer(op, x, label, axis, device):
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    if device == 'cuda' and not torch.cuda.is_available():
+        return None
+    xt = torch.as_tensor(numpy.asarray(x.get() if hasattr(x, 'get') else x)).to(device)
+    lt = torch.as_tensor(numpy.asarray(label.get() if hasattr(label, 'get') else label)).to(device)
+    lt = lt.squeeze(axis)
+    class_axis = axis % xt.ndim
+    if class_axis != 1:  # F.cross_entropy wants classes on dim 1
+        xt = xt.movedim(class_axis, 1).contiguous()
+
+    def forward():
+        with torch.no_grad():
+            return F.cross_entropy(xt, lt, reduction='none')
+
+    def forward_softmax():
+        with torch.no_grad():
+            return F.cross_entropy(xt, lt, reduction='none'), torch.softmax(xt, 1)
+
+    def forward_backward():
+        xg = xt.detach().requires_grad_(True)
+        loss = F.cross_entropy(xg, lt, reduction='none')
+        loss.backward(torch.ones_like(loss))
+        return loss, xg.grad
+    return {'forward': forward, 'forward+softmax': forward_softmax, 'backward': None,
+            'forward+backward': forward_backward, 'forward+backward inplace': None}[op]
+
+
+# ---------------------------------------------------------------- timing
+
+def time_cpu(fn, repeat):
+    fn()  # warm-up (thread pool, scratch buffers, page faults)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def time_gpu(fn, repeat):
+    import cupy
+    fn()
+    cupy.cuda.runtime.deviceSynchronize()
+    times = []
+    for _ in range(repeat):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+    return statistics.median(times), min(times)
+
+
+def time_torch_cuda(fn, repeat):
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return statistics.median(times), min(times)
+
+
+def extra_peak_bytes(fn):
+    """Peak bytes NumPy allocated during ``fn()`` beyond what it returned (tracemalloc)."""
+    fn()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    result = fn()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    outputs = result if isinstance(result, tuple) else (result,)
+    return peak - sum(o.nbytes for o in outputs)
+
+
+def peak_bandwidth_gbs():
+    import cupy
+    rt = cupy.cuda.runtime
+    try:
+        clock_khz = rt.deviceGetAttribute(rt.cudaDevAttrMemoryClockRate, 0)
+        bus_bits = rt.deviceGetAttribute(rt.cudaDevAttrGlobalMemoryBusWidth, 0)
+    except Exception:
+        props = rt.getDeviceProperties(0)
+        clock_khz, bus_bits = props.get('memoryClockRate'), props.get('memoryBusWidth')
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # DDR: two transfers per clock
+
+
+# ---------------------------------------------------------------- runs
+
+def cpu_model():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown CPU'
+
+
+def run_cpu(args, rows):
+    cases = CPU_QUICK if args.quick else CPU_CASES
+    print('# CPU: {} ({} usable cores), cupy_sce threads: {}, numpy {}, dtype float32'.format(
+        cpu_model(), len(os.sched_getaffinity(0)), cupy_sce.get_num_threads(), numpy.__version__))
+    for name, shape, axis in cases:
+        x, label = make_inputs(numpy, shape, axis, numpy.float32)
+        _, lse = cupy_sce.forward(x, label, axis=axis)
+        exp_floor = None
+        if axis == -1:
+            y = numpy.empty_like(x)
+            exp_floor = time_cpu(lambda: numpy.exp(x, out=y), args.repeat)[0]
+            del y
+        for op in OPS:
+            ours_fn = ours(op, x, label, axis, lse)
+            t_ours, t_min = time_cpu(ours_fn, args.repeat)
+            nbytes = bytes_moved(op, shape, axis, 4)
+            row = dict(device='cpu', case=name, op=op, impl='cupy_sce', median_ms=t_ours * 1e3,
+                       min_ms=t_min * 1e3, gbs=nbytes / t_ours / 1e9)
+            peers = {}
+            naive_fn = naive(numpy, op, x, label, axis)
+            if naive_fn is not None:
+                peers['numpy naive'] = time_cpu(naive_fn, args.repeat)[0]
+            torch_fn = torch_peer(op, x, label, axis, 'cpu')
+            if torch_fn is not None:
+                peers['torch cpu'] = time_cpu(torch_fn, args.repeat)[0]
+            if op == 'forward' and exp_floor is not None:
+                peers['np.exp pass'] = exp_floor
+            if op == 'forward' and axis != -1:  # the strided path vs moving the axis last first
+                moved = lambda: cupy_sce.softmax_with_cross_entropy(  # noqa: E731
+                    numpy.ascontiguousarray(numpy.moveaxis(x, axis, -1)),
+                    numpy.ascontiguousarray(numpy.moveaxis(label, axis, -1)))
+                peers['moveaxis+contiguous'] = time_cpu(moved, args.repeat)[0]
+            if op == 'forward':
+                row['extra_peak_mib'] = extra_peak_bytes(ours_fn) / 2 ** 20
+                row['logits_mib'] = x.nbytes / 2 ** 20
+            emit(rows, row, peers)
+
+
+def run_gpu(args, rows):
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    peak = peak_bandwidth_gbs()
+    name = props['name'].decode() if isinstance(props['name'], bytes) else props['name']
+    print('# GPU: {}, peak memory bandwidth {} GB/s, CuPy {}'.format(
+        name, 'unknown' if peak is None else '{:.0f}'.format(peak), cupy.__version__))
+    cases = GPU_QUICK if args.quick else GPU_CASES
+    for case, shape, axis in cases:
+        for dtype in ((numpy.float32, numpy.float16) if shape[-1] > 100000 else (numpy.float32,)):
+            x, label = make_inputs(cupy, shape, axis, dtype)
+            _, lse = cupy_sce.forward(x, label, axis=axis)
+            for op in OPS:
+                t_ours, t_min = time_gpu(ours(op, x, label, axis, lse), args.repeat)
+                gbs = bytes_moved(op, shape, axis, x.dtype.itemsize) / t_ours / 1e9
+                row = dict(device='gpu', case='{} {}'.format(case, numpy.dtype(dtype).name), op=op,
+                           impl='cupy_sce', median_ms=t_ours * 1e3, min_ms=t_min * 1e3, gbs=gbs)
+                if peak:
+                    row['peak_fraction'] = gbs / peak
+                peers = {}
+                naive_fn = naive(cupy, op, x, label, axis)
+                if naive_fn is not None:
+                    peers['cupy naive'] = time_gpu(naive_fn, args.repeat)[0]
+                torch_fn = torch_peer(op, x, label, axis, 'cuda')
+                if torch_fn is not None:
+                    peers['torch cuda'] = time_torch_cuda(torch_fn, args.repeat)[0]
+                emit(rows, row, peers)
+            del x, label, lse
+            cupy.get_default_memory_pool().free_all_blocks()
+
+
+def emit(rows, row, peers):
+    row['ratios'] = {peer: t / (row['median_ms'] / 1e3) for peer, t in peers.items()}
+    row['peer_ms'] = {peer: t * 1e3 for peer, t in peers.items()}
+    rows.append(row)
+    extra = ''
+    if 'peak_fraction' in row:
+        extra += ' {:5.1%} of peak'.format(row['peak_fraction'])
+    if 'extra_peak_mib' in row:
+        extra += ' extra peak {:.2f} MiB (logits {:.0f} MiB)'.format(row['extra_peak_mib'], row['logits_mib'])
+    ratio_text = ', '.join('{} {:.1f} ms -> x{:.2f}'.format(p, row['peer_ms'][p], r)
+                           for p, r in row['ratios'].items())
+    print('{:<24} {:<25} {:9.2f} ms {:7.1f} GB/s{} | {}'.format(
+        row['case'], row['op'], row['median_ms'], row['gbs'], extra, ratio_text), flush=True)
+
+
+def write_outputs(rows, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'bench.csv')
+    peers = sorted({p for r in rows for p in r['ratios']})
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['device', 'case', 'op', 'median_ms', 'min_ms', 'gbs', 'peak_fraction', 'extra_peak_mib']
+                   + ['{} ms'.format(p) for p in peers] + ['x vs {}'.format(p) for p in peers])
+        for r in rows:
+            w.writerow([r['device'], r['case'], r['op'], '{:.4f}'.format(r['median_ms']),
+                        '{:.4f}'.format(r['min_ms']), '{:.2f}'.format(r['gbs']),
+                        '{:.4f}'.format(r['peak_fraction']) if 'peak_fraction' in r else '',
+                        '{:.3f}'.format(r['extra_peak_mib']) if 'extra_peak_mib' in r else '']
+                       + ['{:.4f}'.format(r['peer_ms'][p]) if p in r['peer_ms'] else '' for p in peers]
+                       + ['{:.3f}'.format(r['ratios'][p]) if p in r['ratios'] else '' for p in peers])
+    print('wrote', path)
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('matplotlib not installed: no chart (pip install -e ".[bench]")')
+        return
+    labels = ['{}\n{}'.format(r['case'], r['op']) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(rows)), 5))
+    ax.bar(range(len(rows)), [r['gbs'] for r in rows])
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    ax.set_ylabel('effective GB/s (byte model in bench.py)')
+    ax.set_title('cupy_sce throughput')
+    fig.tight_layout()
+    png = os.path.join(out_dir, 'bench.png')
+    fig.savefig(png, dpi=120)
+    print('wrote', png)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='small shapes, few repeats (< 1 minute)')
+    parser.add_argument('--device', choices=('cpu', 'gpu', 'all'), default='cpu')
+    parser.add_argument('--threads', type=int, default=None, help='NumPy backend threads')
+    parser.add_argument('--repeat', type=int, default=None)
+    parser.add_argument('--out', default='bench_out')
+    args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 3 if args.quick else 7
+    if args.threads:
+        cupy_sce.set_num_threads(args.threads)
+    rows = []
+    if args.device in ('cpu', 'all'):
+        run_cpu(args, rows)
+    if args.device in ('gpu', 'all'):
+        try:
+            import cupy
+            has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
+        except Exception:
+            has_gpu = False
+        if has_gpu:
+            run_gpu(args, rows)
+        else:
+            print('# GPU: none available, GPU cases skipped')
+    write_outputs(rows, args.out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
