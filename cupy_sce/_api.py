@@ -271,9 +271,8 @@ def softmax_with_cross_entropy(logits, label, soft_label=False, ignore_index=-10
     return_softmax = _check_bool('return_softmax', return_softmax)
     p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
     loss = p.empty((p.outer, p.inner), p.dtype)
-    lse = p.empty((p.outer, p.inner), p.acc_dtype)
     softmax = p.empty((p.outer, p.K, p.inner), p.dtype) if return_softmax else None
-    p.check(_backend_for(xp).forward_out(p, loss, lse, softmax))
+    p.check(_backend_for(xp).forward_out(p, loss, None, softmax))
     loss = loss.reshape(p.loss_shape)
     if return_softmax:
         return loss, softmax.reshape(p.shape)

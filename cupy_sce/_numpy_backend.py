@@ -235,40 +235,38 @@ def _quiet(fn):
     return wrapper
 
 
-class _HardLabels:
-    """Step 3 for the whole problem at once (O(rows) work, no tiles): the label's logit,
-    the ignored / out-of-range masks, and the first bad row.
+class _TileLabels:
+    """Step 3 on one tile (rows are independent, as in the kernels): the label's logit, the
+    ignored / out-of-range masks, and the tile's first bad row.
 
     Reads only in-range positions: an ignored or out-of-range label reads class
-    0 (its value is never used).  The common case -- every label in [0, K) and
-    ``ignore_index`` outside [min, max] of the labels -- is found with two
-    reductions and needs no masks (``ignored`` and ``bad`` are then None).
+    0 (its value is never used).  ``clean`` (from ``_labels_clean``, once per
+    call) says every label is in [0, K) and none equals ``ignore_index``: then
+    no masks are needed (``ignored`` and ``bad`` are None).  Contiguous rows use
+    flat offsets (take / item assignment), cheaper than *_along_axis on tiles of
+    a few long rows.
     """
 
-    def __init__(self, p, source):
-        label = p.label
-        self.ignored = self.bad = None
-        lo, hi = (int(label.min()), int(label.max())) if label.size else (0, -1)
-        if lo < 0 or hi >= p.K or lo <= p.ignore_index <= hi:
+    def __init__(self, b, clean):
+        p = b.p
+        label = b.rows(p.label)  # (ob, 1, ib), or (1, 1, rows) in a transposed tile
+        self.ignored = self.bad = self.invalid = None
+        if not clean:
             ignored = label == p.ignore_index
             bad = ~ignored & ((label < 0) | (label >= p.K))
             self.ignored = ignored if ignored.any() else None
             self.bad = bad if bad.any() else None
-        invalid = self._invalid()
-        safe = label if invalid is None else numpy.where(invalid, 0, label)
-        # flat offset of x[row, label]: o * K * inner + label * inner + i (64-bit)
-        row_base = (numpy.arange(p.outer, dtype=numpy.intp) * (p.K * p.inner))[:, None] + \
-            numpy.arange(p.inner, dtype=numpy.intp)[None, :]
-        self.offset = row_base + safe.astype(numpy.intp) * p.inner
-        self.picked = source.reshape(-1).take(self.offset).astype(p.acc_dtype, copy=False)
-        self.bad_row = None
-        if p.check_labels and self.bad is not None:
-            self.bad_row = int(numpy.flatnonzero(self.bad.reshape(-1))[0])
-
-    def _invalid(self):
-        if self.ignored is None:
-            return self.bad
-        return self.ignored if self.bad is None else self.ignored | self.bad
+            if self.ignored is not None or self.bad is not None:
+                self.invalid = ignored | bad
+        self.index = label if self.invalid is None else numpy.where(self.invalid, 0, label)
+        self.flat = None
+        if p.inner == 1 and not b.transposed and b.x.flags.c_contiguous:
+            rows = b.o1 - b.o0
+            self.flat = _arange(rows) * p.K + self.index.reshape(-1)
+            self.picked = b.x.reshape(-1).take(self.flat).reshape(label.shape)
+        else:
+            self.picked = numpy.take_along_axis(b.x, self.index, axis=1)
+        self.bad_row = _first_bad_row(b, self.bad) if p.check_labels and self.bad is not None else None
 
     def loss(self, shift, log_sum_exp):
         """Step 4 (hard): ``lse - x[label]`` as ``log_sum_exp + (shift - x[label])``, which stays
@@ -280,23 +278,45 @@ class _HardLabels:
             loss[self.bad] = numpy.nan
         return loss
 
-    def finish_gradient(self, p, grad, label_prob, g):
-        """Step 5's label term: ``grad[label] = (softmax[label] - 1) * g``, formed in the compute
-        dtype from the label's own probability (no float16 ``softmax - 1`` cancellation); then
-        ignored rows become 0 and unchecked bad rows NaN (selected, not multiplied: their
-        logits may be NaN or inf).  ``grad`` is C-contiguous (outer, K, inner)."""
-        value = numpy.broadcast_to((label_prob - 1) * g, self.offset.shape)
-        flat = grad.reshape(-1)
-        invalid = self._invalid()
-        if invalid is None:
-            flat[self.offset.reshape(-1)] = value.reshape(-1)
+    def finish_gradient(self, tile, label_prob, g):
+        """Step 5's label term on a tile holding ``softmax * g``: ``tile[label] = (softmax[label]
+        - 1) * g``, formed in the compute dtype from the label's own probability (no float16
+        ``softmax - 1`` cancellation); ignored rows become 0 and unchecked bad rows NaN
+        (selected, not multiplied: their logits may be NaN or inf)."""
+        value = (label_prob - 1) * g
+        if self.flat is not None and tile.flags.c_contiguous:
+            tile.reshape(-1)[self.flat] = numpy.broadcast_to(value, self.index.shape).reshape(-1)
         else:
-            valid = ~invalid
-            flat[self.offset[valid]] = value[valid]
-        for mask, fill in ((self.ignored, 0), (self.bad, numpy.nan)):
-            if mask is not None:
-                o, i = numpy.nonzero(mask)
-                grad[o, :, i] = fill
+            numpy.put_along_axis(tile, self.index, value, axis=1)
+        if self.ignored is not None:
+            numpy.copyto(tile, 0, where=self.ignored)
+        if self.bad is not None:
+            numpy.copyto(tile, numpy.nan, where=self.bad)
+
+
+def _labels_clean(p):
+    """True when every hard label is in [0, K) and none equals ignore_index (two reductions,
+    no temporaries): tiles then skip the mask work."""
+    if p.soft_label or p.label.size == 0:
+        return True
+    lo, hi = p.label.min(), p.label.max()
+    return bool(0 <= lo and hi < p.K and not lo <= p.ignore_index <= hi)
+
+
+def _arange(n):
+    cache = getattr(_local, 'arange', None)
+    if cache is None or cache.size < n:
+        cache = _local.arange = numpy.arange(max(n, 1024), dtype=numpy.intp)
+    return cache[:n]
+
+
+def _first_bad_row(b, bad):
+    """Canonical row index (o * inner + i) of the tile's first out-of-range label."""
+    flat = int(numpy.flatnonzero(bad.reshape(-1))[0])
+    if b.transposed:
+        return (b.o0 + flat) * b.p.inner
+    ib = b.i1 - b.i0
+    return (b.o0 + flat // ib) * b.p.inner + b.i0 + flat % ib
 
 
 def _soft_terms(b, shift, log_sum_exp, prob, loss_grad, grad):
@@ -321,10 +341,6 @@ def _soft_terms(b, shift, log_sum_exp, prob, loss_grad, grad):
     return loss
 
 
-def _row_values(p, loss_grad):
-    return 1 if loss_grad is None else loss_grad
-
-
 # --------------------------------------------------------------------------
 # backend interface (same names as _cupy_backend.CupyBackend)
 # --------------------------------------------------------------------------
@@ -338,113 +354,98 @@ def row_max(p):
     return out
 
 
-def _lse_pass(p, full_out, finish=None, alias_ok=False):
-    """Steps 1-2 over every tile: per-row ``shift`` and ``sum_exp`` (and ``exp(x - shift)`` in
-    ``full_out``'s tile, handed to ``finish(b, tile, shift, sum_exp)`` while it is in cache).
-    ``alias_ok``: ``full_out`` may be the logits (in place, hard labels)."""
-    shift_all = numpy.empty((p.outer, p.inner), p.acc_dtype)
-    sum_all = numpy.empty((p.outer, p.inner), p.acc_dtype)
-
-    def body(b):
-        tile = b.work(full_out, 'exp', alias_ok)
-        shift, sum_exp = _exp_shifted(b.x, tile)
-        b.put_rows(shift_all, shift)
-        b.put_rows(sum_all, sum_exp)
-        result = finish(b, tile, shift, sum_exp) if finish is not None else None
-        if full_out is not None:
-            b.put_full(full_out, tile)
-        return result
-    bad_row = _for_each_block(p, body)
-    with numpy.errstate(divide='ignore'):
-        return shift_all, numpy.log(sum_all), sum_all, bad_row
-
-
 @_quiet
 def logsumexp(p):
-    shift, log_sum_exp, _, _ = _lse_pass(p, None)
-    return shift + log_sum_exp
+    out = numpy.empty((p.outer, p.inner), p.acc_dtype)
+
+    def body(b):
+        shift, sum_exp = _exp_shifted(b.x, _scratch('exp', b.x.shape, p.acc_dtype))
+        b.put_rows(out, shift + numpy.log(sum_exp))
+    _for_each_block(p, body)
+    return out
 
 
 @_quiet
 def gather_label_logit(p):
     """Returns ``(picked, bad_row)``: the label logits (0 where ignored or bad) and the first bad row."""
-    labels = _HardLabels(p, p.x)
-    invalid = labels._invalid()
-    picked = labels.picked if invalid is None else numpy.where(invalid, 0, labels.picked)
-    return picked, labels.bad_row
+    clean = _labels_clean(p)
+    out = numpy.empty((p.outer, p.inner), p.acc_dtype)
+
+    def body(b):
+        labels = _TileLabels(b, clean)
+        picked = labels.picked if labels.invalid is None else numpy.where(labels.invalid, 0, labels.picked)
+        b.put_rows(out, picked)
+        return labels.bad_row
+    return out, _for_each_block(p, body)
 
 
 @_quiet
 def forward_out(p, loss, lse, softmax):
-    """Loss and lse (and the softmax when ``softmax`` is given) into the given buffers."""
-    labels = None if p.soft_label else _HardLabels(p, p.x)
-    soft_loss = numpy.empty((p.outer, p.inner), p.acc_dtype) if p.soft_label else None
-
-    def finish(b, tile, shift, sum_exp):
+    """Loss (and lse, and the softmax, when those buffers are given) into the given buffers."""
+    clean = _labels_clean(p)
+    def body(b):
+        labels = None if p.soft_label else _TileLabels(b, clean)
+        tile = b.work(softmax, 'exp')
+        shift, sum_exp = _exp_shifted(b.x, tile)
+        log_sum_exp = numpy.log(sum_exp)
+        if lse is not None:
+            b.put_rows(lse, shift + log_sum_exp)
         if p.soft_label:
-            with numpy.errstate(divide='ignore'):
-                b.put_rows(soft_loss, _soft_terms(b, shift, numpy.log(sum_exp), None, None, None))
+            b.put_rows(loss, _soft_terms(b, shift, log_sum_exp, None, None, None))
+        else:
+            b.put_rows(loss, labels.loss(shift, log_sum_exp))
         if softmax is not None:
             tile *= 1 / sum_exp
-    shift, log_sum_exp, _, _ = _lse_pass(p, softmax, finish)
-    numpy.add(shift, log_sum_exp, out=lse)
-    numpy.copyto(loss, soft_loss if p.soft_label else labels.loss(shift, log_sum_exp), casting='unsafe')
-    return None if labels is None else labels.bad_row
+            b.put_full(softmax, tile)
+        return None if labels is None else labels.bad_row
+    return _for_each_block(p, body)
 
 
 @_quiet
 def backward_out(p, loss_grad, lse, softmax, grad):
     """Gradient from ``softmax`` (Paddle's grad op: then ``p.x`` holds it) or recomputed from
-    ``p.x`` and ``lse``.  ``grad`` may be ``p.x`` itself (in place): the label logits are
-    gathered first and every tile is read before it is written."""
-    labels = None if p.soft_label else _HardLabels(p, p.x)
-
+    ``p.x`` and ``lse``.  ``grad`` may be ``p.x`` itself (in place): each tile's label logits
+    are gathered before the tile is overwritten."""
+    clean = _labels_clean(p)
     def body(b):
+        labels = None if p.soft_label else _TileLabels(b, clean)
         tile = b.work(grad, 'grad', alias_ok=not p.soft_label)
         if softmax is None:
-            numpy.subtract(b.x, b.rows(lse), out=tile)
+            row_lse = b.rows(lse)
+            numpy.subtract(b.x, row_lse, out=tile)
             numpy.exp(tile, out=tile)
         elif tile is not b.x:
             numpy.copyto(tile, b.x)
+        g = 1 if loss_grad is None else b.rows(loss_grad)
         if p.soft_label:
             _soft_terms(b, None, None, tile, loss_grad, tile)
-        elif loss_grad is not None:
-            tile *= b.rows(loss_grad)
+        else:
+            if loss_grad is not None:
+                tile *= g
+            label_prob = labels.picked if softmax is not None else numpy.exp(labels.picked - row_lse)
+            labels.finish_gradient(tile, label_prob, g)
         b.put_full(grad, tile)
-    _for_each_block(p, body)
-    if labels is None:
-        return None
-    if softmax is None:
-        label_prob = numpy.exp(labels.picked - lse)
-    else:
-        label_prob = labels.picked
-    labels.finish_gradient(p, grad, label_prob, _row_values(p, loss_grad))
-    return labels.bad_row
+        return None if labels is None else labels.bad_row
+    return _for_each_block(p, body)
 
 
 @_quiet
 def forward_backward_out(p, loss_grad, loss, grad):
     """Loss and gradient from one read of the logits; ``grad`` may be ``p.x`` (in place)."""
-    labels = None if p.soft_label else _HardLabels(p, p.x)
-    soft_loss = numpy.empty((p.outer, p.inner), p.acc_dtype) if p.soft_label else None
-
-    def finish(b, tile, shift, sum_exp):
+    clean = _labels_clean(p)
+    def body(b):
+        labels = None if p.soft_label else _TileLabels(b, clean)
+        tile = b.work(grad, 'grad', alias_ok=not p.soft_label)
+        shift, sum_exp = _exp_shifted(b.x, tile)
+        log_sum_exp = numpy.log(sum_exp)
+        g = 1 if loss_grad is None else b.rows(loss_grad)
         if p.soft_label:
-            with numpy.errstate(divide='ignore'):
-                log_sum_exp = numpy.log(sum_exp)
             tile *= 1 / sum_exp
-            b.put_rows(soft_loss, _soft_terms(b, shift, log_sum_exp, tile, loss_grad, tile))
+            b.put_rows(loss, _soft_terms(b, shift, log_sum_exp, tile, loss_grad, tile))
         else:
-            scale = 1 / sum_exp
-            if loss_grad is not None:
-                scale *= b.rows(loss_grad)
-            tile *= scale  # softmax * loss_grad; the label term is written after all tiles
-    # hard labels need no x after the exp pass (their label logits are gathered above)
-    shift, log_sum_exp, _, _ = _lse_pass(p, grad, finish, alias_ok=not p.soft_label)
-    if p.soft_label:
-        numpy.copyto(loss, soft_loss, casting='unsafe')
-        return None
-    numpy.copyto(loss, labels.loss(shift, log_sum_exp), casting='unsafe')
-    label_prob = numpy.exp((labels.picked - shift) - log_sum_exp)
-    labels.finish_gradient(p, grad, label_prob, _row_values(p, loss_grad))
-    return labels.bad_row
+            b.put_rows(loss, labels.loss(shift, log_sum_exp))
+            tile *= g / sum_exp  # softmax * loss_grad
+            labels.finish_gradient(tile, numpy.exp((labels.picked - shift) - log_sum_exp), g)
+        b.put_full(grad, tile)
+        return None if labels is None else labels.bad_row
+    return _for_each_block(p, body)

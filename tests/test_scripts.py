@@ -52,3 +52,15 @@ def test_gradcheck_unknown_backend_exits_nonzero():
     if has_gpu:
         pytest.skip('a GPU is present: the cupy backend is available')
     assert result.returncode == 2 and 'not available' in result.stdout
+
+
+def test_bench_quick_smoke(tmp_path):
+    """bench.py --quick runs end to end and writes its CSV (no timing asserts: a smoke test)."""
+    env = dict(os.environ, CUPY_SCE_NUM_THREADS='1')
+    result = run_script('scripts/bench.py', '--quick', '--repeat', '1', '--out', str(tmp_path), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [l for l in result.stdout.splitlines() if ' GB/s' in l]
+    assert len(rows) == 4 * 5, result.stdout  # 4 shapes x 5 operations
+    assert 'extra peak' in result.stdout and 'x vs' not in result.stdout
+    csv_text = (tmp_path / 'bench.csv').read_text().splitlines()
+    assert csv_text[0].startswith('device,case,op,median_ms') and len(csv_text) == 21
