@@ -150,10 +150,10 @@ def _normalize_axis(axis, ndim):
 
 
 def _check_logits(logits, name='logits'):
-    if logits.ndim == 0:
-        raise ValueError('{} must have rank >= 1, got a 0-d array'.format(name))
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError('{} must be float16, float32 or float64, got {}'.format(name, logits.dtype))
+    if logits.ndim == 0:
+        raise ValueError('{} must have rank >= 1, got a 0-d array'.format(name))
 
 
 class _Problem:

@@ -22,6 +22,10 @@ from cupy_sce import _kernels
 GROUP_TABLE = ((32, None), (1024, 32), (8192, 256), (float('inf'), 1024))
 # Block size when several rows share a block (group size <= 32), and for the strided layout.
 ROWS_BLOCK = 256
+# Dynamic shared memory a launch may use without opting in (cudaFuncAttributeMaxDynamicShared...):
+# the row cache (CACHE_ROW) is used when the block's rows fit in it.
+SHARED_LIMIT = 48 * 1024
+WARP_PARTIALS = 32  # RowState<A> slots reserved ahead of the row cache (kernels/sce.cu)
 NO_BAD_ROW = numpy.iinfo(numpy.uint64).max
 NULL = numpy.uint64(0)  # a null pointer argument (8 bytes of zeros)
 
@@ -74,18 +78,27 @@ class CupyBackend:
             return 1
         return vec
 
-    def _launch(self, p, name, vec, args, group=None):
-        """Launch ``name`` over all rows of ``p`` with the geometry table's group size."""
+    @staticmethod
+    def _block(group):
+        return group if group > 32 else ROWS_BLOCK
+
+    @classmethod
+    def _shared_mem(cls, p, group, cache_row=False):
+        """Warp partials of the block reduction (RowState<A> is 4 values of A), and the row cache."""
+        state_bytes = 4 * p.acc_dtype.itemsize
+        if cache_row:
+            return WARP_PARTIALS * state_bytes + (cls._block(group) // group) * p.K * p.dtype.itemsize
+        return (group // 32) * state_bytes if group > 32 else 0
+
+    def _launch(self, p, name, args, group, shared_mem=None):
+        """Launch ``name`` over all rows of ``p``, ``group`` threads per row."""
         n_rows = p.outer * p.inner
         if n_rows == 0:
             return
-        if group is None:
-            group = group_size_for(p.K, p.inner, vec)
-        block = group if group > 32 else ROWS_BLOCK
-        rows_per_block = block // group
-        grid = -(-n_rows // rows_per_block)
-        # warp partials of the block-level reduction (RowState<A> is 4 values of A)
-        shared_mem = (group // 32) * 4 * p.acc_dtype.itemsize if group > 32 else 0
+        block = self._block(group)
+        grid = -(-n_rows // (block // group))
+        if shared_mem is None:
+            shared_mem = self._shared_mem(p, group)
         kernel = self.runtime.kernel(p.dtype, name)
         kernel((grid,), (block,), args, shared_mem=shared_mem)
 
@@ -112,17 +125,23 @@ class CupyBackend:
 
     def _fused(self, p, x=None, label=None, softmax_in=None, lse_in=None, loss_grad=None,
                loss=None, lse=None, softmax=None, grad=None):
-        """Launch ``sce_fused_rows`` with the given inputs/outputs (others null)."""
+        """Launch ``cupy_sce_fused_rows`` with the given inputs/outputs (others null)."""
         bad_buf = self._bad_row_buffer(p) if label is not None else None
         vec = self._vec(p, x, softmax_in, softmax, grad)
         label_type = self._label_type(p) if label is not None else 'int'
         n_rows = p.outer * p.inner
         group = group_size_for(p.K, p.inner, vec)
+        # One read of each row: keep it in shared memory for pass 2 when pass 1 reads x and pass 2
+        # re-reads it (softmax, gradient or soft loss), and the block's rows fit.
+        pass2 = softmax is not None or grad is not None or (p.soft_label and loss is not None)
+        cache_row = (p.inner == 1 and x is not None and lse_in is None and softmax_in is None and pass2
+                     and self._shared_mem(p, group, True) <= SHARED_LIMIT)
         args = tuple(self._ptr(a) for a in (x, label, softmax_in, lse_in, loss_grad, loss, lse,
                                             softmax, grad))
         args += (numpy.int64(n_rows), numpy.int64(p.K), numpy.int64(p.inner),
                  numpy.int64(p.ignore_index), numpy.int32(group), self._ptr(bad_buf))
-        self._launch(p, _kernels.fused_name(p.dtype, label_type, vec), vec, args, group)
+        self._launch(p, _kernels.fused_name(p.dtype, label_type, vec, cache_row), args, group,
+                     self._shared_mem(p, group, cache_row))
         return self._bad_row(bad_buf)
 
     # ---------------------------------------------------------------- backend interface
@@ -133,7 +152,7 @@ class CupyBackend:
         group = group_size_for(p.K, p.inner, vec)
         args = (p.x, out, numpy.int64(p.outer * p.inner), numpy.int64(p.K), numpy.int64(p.inner),
                 numpy.int32(group))
-        self._launch(p, _kernels.row_max_name(p.dtype, vec), vec, args, group)
+        self._launch(p, _kernels.row_max_name(p.dtype, vec), args, group)
         return out
 
     def logsumexp(self, p):
@@ -149,7 +168,7 @@ class CupyBackend:
                 numpy.int64(p.inner), numpy.int64(p.ignore_index), self._ptr(bad_buf))
         name = _kernels.gather_name(p.dtype, _kernels.LABEL_TYPE[p.label.dtype])
         # one thread per row: group size 1 with the rows-per-block geometry
-        self._launch(p, name, 1, args, group=1)
+        self._launch(p, name, args, group=1)
         return out, self._bad_row(bad_buf)
 
     def forward_out(self, p, loss, lse, softmax):

@@ -24,16 +24,17 @@ def vector_width(dtype):
     return 16 // numpy.dtype(dtype).itemsize
 
 
-def fused_name(dtype, label_type, vec):
-    return 'sce_fused_rows<{}, {}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], label_type, vec)
+def fused_name(dtype, label_type, vec, cache_row=False):
+    return 'cupy_sce_fused_rows<{}, {}, {}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], label_type, vec,
+                                                         'true' if cache_row else 'false')
 
 
 def row_max_name(dtype, vec):
-    return 'sce_row_max<{}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], vec)
+    return 'cupy_sce_row_max<{}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], vec)
 
 
 def gather_name(dtype, label_type):
-    return 'sce_gather_label<{}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], label_type)
+    return 'cupy_sce_gather_label<{}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], label_type)
 
 
 def label_types(dtype):
@@ -44,7 +45,7 @@ def label_types(dtype):
 def name_expressions(dtype):
     """Every instantiation the backend can launch for logits of ``dtype``."""
     vecs = (1, vector_width(dtype))
-    names = [fused_name(dtype, lt, v) for lt in label_types(dtype) for v in vecs]
+    names = [fused_name(dtype, lt, v, c) for lt in label_types(dtype) for v in vecs for c in (False, True)]
     names += [row_max_name(dtype, v) for v in vecs]
     names += [gather_name(dtype, lt) for lt in LABEL_TYPE.values()]
     return names

@@ -59,6 +59,8 @@ MUTANTS = {
     'inactive threads leave before the shuffles': (
         'sce.cu', '    const long long n_vec = K / VEC;',
         '    if (!active) return;\n    const long long n_vec = K / VEC;', 0, False),
+    'row cache slot of the wrong group': (
+        'sce.cu', '+ (threadIdx.x / group_size) * n_vec', '+ (threadIdx.x / group_size)', 0, False),
     'pass 2 reads one vector past the row (ASan)': (
         'sce.cu', 'for (long long j = lane; j < n_vec; j += group_size) {\n            const long long off = base + j * VEC * inner;\n            const sce::Vec<T, VEC> v = sce::load_vec<T, VEC>(prob_src + off);',
         'for (long long j = lane; j <= n_vec; j += group_size) {\n            const long long off = base + j * VEC * inner;\n            const sce::Vec<T, VEC> v = sce::load_vec<T, VEC>(prob_src + off);',

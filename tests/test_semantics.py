@@ -406,3 +406,32 @@ def test_label_check_can_be_disabled(backend):
         _, grad = backend(cupy_sce.forward_backward, x, label)
     assert numpy.isnan(loss[1, 0]) and loss[2, 0] == 0 and numpy.isfinite(loss[0, 0])
     assert numpy.isnan(grad[1]).all() and (grad[2] == 0).all()
+
+
+def test_mixing_array_types_is_a_type_error(monkeypatch):
+    """The dispatch rule, without a GPU: a stand-in for cupy.ndarray among numpy arrays."""
+    import types
+    from cupy_sce import _api
+
+    class DeviceArray:
+        pass
+    fake_cupy = types.SimpleNamespace(ndarray=DeviceArray, get_array_module=lambda *a: numpy)
+    monkeypatch.setattr(_api, 'cupy', fake_cupy)
+    x = numpy.zeros((2, 3), numpy.float32)
+    label = numpy.zeros((2, 1), numpy.int64)
+    msg = 'cannot mix numpy and cupy arrays in one call: logits is a numpy.ndarray but label is a cupy.ndarray'
+    with pytest.raises(TypeError, match=msg):
+        cupy_sce.softmax_with_cross_entropy(x, DeviceArray())
+    with pytest.raises(TypeError, match='cannot mix numpy and cupy'):
+        cupy_sce.backward(DeviceArray(), x, numpy.zeros((2, 1), numpy.float32), label)
+    with pytest.raises(TypeError, match='cannot mix numpy and cupy'):
+        cupy_sce.forward_backward(x, label, loss_grad=DeviceArray())
+
+
+def test_array_likes_and_non_arrays(numpy_backend):
+    loss = cupy_sce.softmax_with_cross_entropy([[0.0, 1.0, 2.0]], [[2]])
+    numpy.testing.assert_allclose(loss, reference(numpy.array([[0.0, 1.0, 2.0]]), numpy.array([[2]]))[0])
+    with pytest.raises(TypeError, match='logits must be float16, float32 or float64'):
+        cupy_sce.softmax_with_cross_entropy([[0, 1, 2]], [[2]])
+    with pytest.raises(TypeError):
+        cupy_sce.softmax_with_cross_entropy(object(), [[2]])

@@ -13,6 +13,11 @@
 // VEC > 1 (16-byte vectors) is only launched when inner == 1, K % VEC == 0 and every T
 // pointer is 16-byte aligned.
 //
+// CACHE_ROW: the rows of a block fit in shared memory, so pass 1 keeps what it loaded and
+// pass 2 (softmax, gradient, soft loss) reads it from there: one read of each row from global
+// memory.  Dynamic shared memory is then [32 RowState<A> (warp partials)][one K-element row of T
+// per group], and each thread reads back only the chunks it stored itself (no barrier needed).
+//
 // The host side (cupy_sce/_cupy_backend.py) picks the variant and launch geometry; the same
 // host code drives these kernels on the CPU in the test suite (cupy_sce/testing/harness.py).
 #include "sce_common.cuh"
@@ -35,7 +40,7 @@ __device__ __forceinline__ int hard_label(const L* label, long long row, long lo
 }  // namespace sce
 
 // ------------------------------------------------------------------------------------------
-// sce_fused_rows: every op of the library in one kernel, steered by which pointers are null.
+// cupy_sce_fused_rows: every op of the library in one kernel, steered by which pointers are null.
 //
 //   forward                 x, label            -> loss_out, lse_out [, softmax_out]
 //   forward + backward      x, label, loss_grad -> loss_out, grad_out (grad_out may be x)
@@ -61,8 +66,8 @@ __device__ __forceinline__ int hard_label(const L* label, long long row, long lo
 //   group_size  threads per row (see the header)
 //   bad_row     smallest row with an out-of-range hard label (atomicMin); may be null
 // ------------------------------------------------------------------------------------------
-template <typename T, typename L, int VEC>
-__global__ void sce_fused_rows(const T* x, const L* label, const T* softmax_in,
+template <typename T, typename L, int VEC, bool CACHE_ROW>
+__global__ void cupy_sce_fused_rows(const T* x, const L* label, const T* softmax_in,
                                const typename sce::Acc<T>::type* lse_in,
                                const typename sce::Acc<T>::type* loss_grad, T* loss_out,
                                typename sce::Acc<T>::type* lse_out, T* softmax_out, T* grad_out,
@@ -78,6 +83,11 @@ __global__ void sce_fused_rows(const T* x, const L* label, const T* softmax_in,
     const long long n_vec = K / VEC;   // vector chunks per row; chunk j starts at class j * VEC
     const A zero = A(0);
 
+    sce::RowState<A>* const partials = sce_dynamic_smem<sce::RowState<A> >();
+    // this group's row in shared memory (CACHE_ROW only; the host sized it, 16-byte aligned)
+    sce::Vec<T, VEC>* const row_cache =
+        CACHE_ROW ? reinterpret_cast<sce::Vec<T, VEC>*>(partials + 32) + (threadIdx.x / group_size) * n_vec : nullptr;
+
     long long lab = -1;
     const int kind = active ? sce::hard_label(label, row, K, ignore_index, &lab) : sce::LABEL_VALID;
     if (active && kind == sce::LABEL_BAD && lane == 0) sce::record_bad_row(bad_row, row);
@@ -89,6 +99,7 @@ __global__ void sce_fused_rows(const T* x, const L* label, const T* softmax_in,
         for (long long j = lane; j < n_vec; j += group_size) {
             const long long off = base + j * VEC * inner;
             const sce::Vec<T, VEC> v = sce::load_vec<T, VEC>(x + off);
+            if (CACHE_ROW) row_cache[j] = v;
             A chunk_max = sce::to_acc(v.v[0]);
             for (int e = 1; e < VEC; ++e) chunk_max = sce::nan_max(chunk_max, sce::to_acc(v.v[e]));
             sce::rebase(state, chunk_max);
@@ -105,8 +116,7 @@ __global__ void sce_fused_rows(const T* x, const L* label, const T* softmax_in,
         // the lane that owns the label's chunk reads its logit (it alone writes it in pass 2)
         if ((lab / VEC) % group_size == lane) state.picked = sce::to_acc(x[base + lab * inner]);
     }
-    state = sce::group_allreduce(state, sce::MergeRowState<A>(), group_size,
-                                 sce_dynamic_smem<sce::RowState<A> >());
+    state = sce::group_allreduce(state, sce::MergeRowState<A>(), group_size, partials);
 
     // lse = shift + log_sum_exp, kept apart: log_sum_exp + (shift - x_k) is exact where
     // lse - x_k would first round a large lse.  An all -inf row has shift 0 and lse -inf.
@@ -137,7 +147,8 @@ __global__ void sce_fused_rows(const T* x, const L* label, const T* softmax_in,
         const T* prob_src = softmax_in != nullptr ? softmax_in : x;
         for (long long j = lane; j < n_vec; j += group_size) {
             const long long off = base + j * VEC * inner;
-            const sce::Vec<T, VEC> v = sce::load_vec<T, VEC>(prob_src + off);
+            // CACHE_ROW is only launched with pass 1 reading x, so the cache holds this chunk
+            const sce::Vec<T, VEC> v = CACHE_ROW ? row_cache[j] : sce::load_vec<T, VEC>(prob_src + off);
             sce::Vec<T, VEC> sm, gr;
             for (int e = 0; e < VEC; ++e) {
                 const long long k = j * VEC + e;
@@ -173,12 +184,12 @@ __global__ void sce_fused_rows(const T* x, const L* label, const T* softmax_in,
 }
 
 // ------------------------------------------------------------------------------------------
-// sce_row_max (building block 1): row_max_out[row] = max_k x[row, k], NaN propagating.
+// cupy_sce_row_max (building block 1): row_max_out[row] = max_k x[row, k], NaN propagating.
 //   x (outer, K, inner) logits; row_max_out (outer, inner) in A; other arguments as above.
 //   Dynamic shared memory: group_size / 32 values of A when group_size > 32.
 // ------------------------------------------------------------------------------------------
 template <typename T, int VEC>
-__global__ void sce_row_max(const T* x, typename sce::Acc<T>::type* row_max_out, long long n_rows,
+__global__ void cupy_sce_row_max(const T* x, typename sce::Acc<T>::type* row_max_out, long long n_rows,
                             long long K, long long inner, int group_size) {
     typedef typename sce::Acc<T>::type A;
     const int lane = threadIdx.x % group_size;
@@ -197,13 +208,13 @@ __global__ void sce_row_max(const T* x, typename sce::Acc<T>::type* row_max_out,
 }
 
 // ------------------------------------------------------------------------------------------
-// sce_gather_label (building block 3): one thread per row.
+// cupy_sce_gather_label (building block 3): one thread per row.
 //   picked_out[row] = x[row, label[row]] (0 where ignored or out of range: never read there);
 //   an out-of-range label records its row in bad_row (atomicMin; may be null).
 //   x (outer, K, inner) logits; label (outer, inner) int/long long; picked_out (outer, inner) in A.
 // ------------------------------------------------------------------------------------------
 template <typename T, typename L>
-__global__ void sce_gather_label(const T* x, const L* label, typename sce::Acc<T>::type* picked_out,
+__global__ void cupy_sce_gather_label(const T* x, const L* label, typename sce::Acc<T>::type* picked_out,
                                  long long n_rows, long long K, long long inner,
                                  long long ignore_index, unsigned long long* bad_row) {
     typedef typename sce::Acc<T>::type A;
