@@ -25,8 +25,8 @@ def vector_width(dtype):
 
 
 def fused_name(dtype, label_type, vec, cache_row=False):
-    return 'cupy_sce_fused_rows<{}, {}, {}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], label_type, vec,
-                                                         'true' if cache_row else 'false')
+    return 'cupy_sce_fused_rows<{}, {}, {}, {}>'.format(
+        CUDA_TYPE[numpy.dtype(dtype)], label_type, vec, 'true' if cache_row else 'false')
 
 
 def row_max_name(dtype, vec):

@@ -383,6 +383,7 @@ def gather_label_logit(p):
 def forward_out(p, loss, lse, softmax):
     """Loss (and lse, and the softmax, when those buffers are given) into the given buffers."""
     clean = _labels_clean(p)
+
     def body(b):
         labels = None if p.soft_label else _TileLabels(b, clean)
         tile = b.work(softmax, 'exp')
@@ -407,6 +408,7 @@ def backward_out(p, loss_grad, lse, softmax, grad):
     ``p.x`` and ``lse``.  ``grad`` may be ``p.x`` itself (in place): each tile's label logits
     are gathered before the tile is overwritten."""
     clean = _labels_clean(p)
+
     def body(b):
         labels = None if p.soft_label else _TileLabels(b, clean)
         tile = b.work(grad, 'grad', alias_ok=not p.soft_label)
@@ -433,6 +435,7 @@ def backward_out(p, loss_grad, lse, softmax, grad):
 def forward_backward_out(p, loss_grad, loss, grad):
     """Loss and gradient from one read of the logits; ``grad`` may be ``p.x`` (in place)."""
     clean = _labels_clean(p)
+
     def body(b):
         labels = None if p.soft_label else _TileLabels(b, clean)
         tile = b.work(grad, 'grad', alias_ok=not p.soft_label)

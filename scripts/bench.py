@@ -166,34 +166,35 @@ def time_cpu(fn, repeat):
     return statistics.median(times), min(times)
 
 
-def time_gpu(fn, repeat):
-    import cupy
+def time_events(fn, repeat, event, synchronize):
+    """Median and min seconds of ``fn`` between two recorded events (CUDA events of CuPy or torch)."""
     fn()
-    cupy.cuda.runtime.deviceSynchronize()
+    synchronize()
     times = []
     for _ in range(repeat):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start, stop = event(), event()
         start.record()
         fn()
         stop.record()
         stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+        times.append(start.elapsed_time(stop) / 1e3 if hasattr(start, 'elapsed_time')
+                     else _cupy_elapsed(start, stop))
     return statistics.median(times), min(times)
+
+
+def _cupy_elapsed(start, stop):
+    import cupy
+    return cupy.cuda.get_elapsed_time(start, stop) / 1e3
+
+
+def time_gpu(fn, repeat):
+    import cupy
+    return time_events(fn, repeat, cupy.cuda.Event, cupy.cuda.runtime.deviceSynchronize)
 
 
 def time_torch_cuda(fn, repeat):
     import torch
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)
-    return statistics.median(times), min(times)
+    return time_events(fn, repeat, lambda: torch.cuda.Event(enable_timing=True), torch.cuda.synchronize)
 
 
 def extra_peak_bytes(fn):
@@ -235,6 +236,20 @@ def cpu_model():
     return platform.processor() or 'unknown CPU'
 
 
+def peer_times(xp, op, x, label, axis, repeat, device):
+    """{peer: median seconds} for the naive composition and PyTorch on the same inputs."""
+    timer = time_cpu if device == 'cpu' else time_gpu
+    torch_timer = time_cpu if device == 'cpu' else time_torch_cuda
+    peers = {}
+    naive_fn = naive(xp, op, x, label, axis)
+    if naive_fn is not None:
+        peers['{} naive'.format(xp.__name__)] = timer(naive_fn, repeat)[0]
+    torch_fn = torch_peer(op, x, label, axis, device)
+    if torch_fn is not None:
+        peers['torch {}'.format(device)] = torch_timer(torch_fn, repeat)[0]
+    return peers
+
+
 def run_cpu(args, rows):
     cases = CPU_QUICK if args.quick else CPU_CASES
     print('# CPU: {} ({} usable cores), cupy_sce threads: {}, numpy {}, dtype float32'.format(
@@ -253,13 +268,7 @@ def run_cpu(args, rows):
             nbytes = bytes_moved(op, shape, axis, 4)
             row = dict(device='cpu', case=name, op=op, impl='cupy_sce', median_ms=t_ours * 1e3,
                        min_ms=t_min * 1e3, gbs=nbytes / t_ours / 1e9)
-            peers = {}
-            naive_fn = naive(numpy, op, x, label, axis)
-            if naive_fn is not None:
-                peers['numpy naive'] = time_cpu(naive_fn, args.repeat)[0]
-            torch_fn = torch_peer(op, x, label, axis, 'cpu')
-            if torch_fn is not None:
-                peers['torch cpu'] = time_cpu(torch_fn, args.repeat)[0]
+            peers = peer_times(numpy, op, x, label, axis, args.repeat, 'cpu')
             if op == 'forward' and exp_floor is not None:
                 peers['np.exp pass'] = exp_floor
             if op == 'forward' and axis != -1:  # the strided path vs moving the axis last first
@@ -292,14 +301,7 @@ def run_gpu(args, rows):
                            impl='cupy_sce', median_ms=t_ours * 1e3, min_ms=t_min * 1e3, gbs=gbs)
                 if peak:
                     row['peak_fraction'] = gbs / peak
-                peers = {}
-                naive_fn = naive(cupy, op, x, label, axis)
-                if naive_fn is not None:
-                    peers['cupy naive'] = time_gpu(naive_fn, args.repeat)[0]
-                torch_fn = torch_peer(op, x, label, axis, 'cuda')
-                if torch_fn is not None:
-                    peers['torch cuda'] = time_torch_cuda(torch_fn, args.repeat)[0]
-                emit(rows, row, peers)
+                emit(rows, row, peer_times(cupy, op, x, label, axis, args.repeat, 'cuda'))
             del x, label, lse
             cupy.get_default_memory_pool().free_all_blocks()
 

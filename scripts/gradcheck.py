@@ -37,8 +37,8 @@ def main(argv=None):
     start = time.perf_counter()
     failures = 0
     rows = 0
-    print('{:<48} {:<7} {:>12} {:>12}  {}'.format('case', 'backend', 'max abs err', 'max rel err',
-                                                 'result'))
+    print('{:<48} {:<7} {:>12} {:>12}  {}'.format(
+        'case', 'backend', 'max abs err', 'max rel err', 'result'))
     for name, xp in backends:
         for case, kwargs in default_cases():
             result = check_gradient(xp=xp, **kwargs)

@@ -57,7 +57,8 @@ def test_gradients(xp, K, soft, path):
     return cupy_sce.softmax_with_cross_entropy_grad(g, sm, label, soft_label=soft)
 
 
-@pytest.mark.parametrize('shape,axis', [((4, 33, 7), 1), ((2, 3, 1025), 1), ((1000, 3), 0), ((2, 7, 3, 5), 2)])
+@pytest.mark.parametrize('shape,axis', [((4, 33, 7), 1), ((2, 3, 1025), 1), ((1000, 3), 0),
+                                        ((2, 7, 3, 5), 2)])
 @pytest.mark.parametrize('label_dtype', [numpy.int32, numpy.int64, numpy.uint8])
 @allclose(**TOL)
 def test_strided_axes(xp, shape, axis, label_dtype):

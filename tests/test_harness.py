@@ -7,7 +7,7 @@ import pytest
 from cupy_sce.testing import harness
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SELFTEST = ['selftest_shuffles', 'selftest_block_sum', 'selftest_block_sum_racy',
+SELFTEST = ['selftest_shuffles', 'selftest_block_sum<true>', 'selftest_block_sum<false>',
             'selftest_dynamic_reverse', 'selftest_dynamic_overrun', 'selftest_ids', 'selftest_half',
             'selftest_divergent_barrier', 'selftest_exited_lane_shuffle', 'selftest_lane_outside_mask']
 
@@ -45,7 +45,7 @@ def test_block_reduction_barriers_and_atomics(selftest):
     x = numpy.random.default_rng(0).random(4 * 256).astype(numpy.float32)
     out = numpy.zeros(4, numpy.float32)
     counter = numpy.zeros(1, numpy.int32)
-    selftest('selftest_block_sum', 4, 256, (x, out, counter))
+    selftest('selftest_block_sum<true>', 4, 256, (x, out, counter))
     numpy.testing.assert_allclose(out, x.reshape(4, 256).sum(1), rtol=1e-5)
     assert counter[0] == 1024
 
@@ -54,7 +54,7 @@ def test_missing_barrier_gives_wrong_results(selftest):
     """The scheduler interleaves threads like a GPU: a forgotten barrier is visible."""
     x = numpy.random.default_rng(1).random(4 * 256).astype(numpy.float32)
     out = numpy.zeros(4, numpy.float32)
-    selftest('selftest_block_sum_racy', 4, 256, (x, out))
+    selftest('selftest_block_sum<false>', 4, 256, (x, out, numpy.zeros(1, numpy.int32)))
     assert not numpy.allclose(out, x.reshape(4, 256).sum(1), rtol=1e-5)
 
 

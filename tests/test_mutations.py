@@ -27,6 +27,8 @@ PROBE = ['tests/test_kernels.py::test_every_instantiation_runs_and_matches',
          'tests/test_kernels.py::test_in_place_every_group_size',
          'tests/test_semantics.py']
 
+_PASS2_LOOP = ('for (long long j = lane; j {} n_vec; j += group_size) {{\n'
+               '            const long long off = base + j * VEC * inner;\n            // CACHE_ROW')
 # name: (file, original text, mutated text, occurrence to replace (0 = first), needs ASan to show)
 MUTANTS = {
     'label gather off by one': (
@@ -62,8 +64,7 @@ MUTANTS = {
     'row cache slot of the wrong group': (
         'sce.cu', '+ (threadIdx.x / group_size) * n_vec', '+ (threadIdx.x / group_size)', 0, False),
     'pass 2 runs one vector past the row (ASan)': (
-        'sce.cu', 'for (long long j = lane; j < n_vec; j += group_size) {\n            const long long off = base + j * VEC * inner;\n            // CACHE_ROW',
-        'for (long long j = lane; j <= n_vec; j += group_size) {\n            const long long off = base + j * VEC * inner;\n            // CACHE_ROW',
+        'sce.cu', _PASS2_LOOP.format('<'), _PASS2_LOOP.format('<='),
         0, True),
 }
 

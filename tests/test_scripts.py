@@ -20,7 +20,7 @@ def test_gradcheck_script_passes():
     assert lines[0].split()[:2] == ['case', 'backend']
     assert sum(' PASS' in line for line in lines) >= 50
     assert 'FAIL' not in result.stdout
-    assert lines[-1].startswith('{} passed, 0 failed'.format(sum(' PASS' in l for l in lines)))
+    assert lines[-1].startswith('{} passed, 0 failed'.format(sum(' PASS' in line for line in lines)))
 
 
 def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
@@ -59,7 +59,7 @@ def test_bench_quick_smoke(tmp_path):
     env = dict(os.environ, CUPY_SCE_NUM_THREADS='1')
     result = run_script('scripts/bench.py', '--quick', '--repeat', '1', '--out', str(tmp_path), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [l for l in result.stdout.splitlines() if ' GB/s' in l]
+    rows = [line for line in result.stdout.splitlines() if ' GB/s' in line]
     assert len(rows) == 4 * 5, result.stdout  # 4 shapes x 5 operations
     assert 'extra peak' in result.stdout and 'x vs' not in result.stdout
     csv_text = (tmp_path / 'bench.csv').read_text().splitlines()

@@ -345,7 +345,8 @@ def test_error_messages(numpy_backend):
          lambda: f(x, numpy.zeros((3, 2), numpy.int64))),
         (TypeError, 'label must be an integer array when soft_label=False, got float32',
          lambda: f(x, lab.astype(numpy.float32))),
-        (TypeError, 'must be a floating array when soft_label=True, got int64', lambda: f(x, x.astype(numpy.int64), soft_label=True)),
+        (TypeError, 'must be a floating array when soft_label=True, got int64',
+         lambda: f(x, x.astype(numpy.int64), soft_label=True)),
         (ValueError, 'must equal logits shape', lambda: f(x, x[:, :2], soft_label=True)),
         (TypeError, 'ignore_index must be an int', lambda: f(x, lab, ignore_index=1.5)),
         (TypeError, 'soft_label must be a bool', lambda: f(x, lab, soft_label=1)),
@@ -419,7 +420,8 @@ def test_mixing_array_types_is_a_type_error(monkeypatch):
     monkeypatch.setattr(_api, 'cupy', fake_cupy)
     x = numpy.zeros((2, 3), numpy.float32)
     label = numpy.zeros((2, 1), numpy.int64)
-    msg = 'cannot mix numpy and cupy arrays in one call: logits is a numpy.ndarray but label is a cupy.ndarray'
+    msg = ('cannot mix numpy and cupy arrays in one call: logits is a numpy.ndarray but label is a '
+           'cupy.ndarray')
     with pytest.raises(TypeError, match=msg):
         cupy_sce.softmax_with_cross_entropy(x, DeviceArray())
     with pytest.raises(TypeError, match='cannot mix numpy and cupy'):

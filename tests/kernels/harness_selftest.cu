@@ -18,29 +18,20 @@ __global__ void selftest_shuffles(int* out, double* out_double) {
     out_double[t] = __shfl_xor_sync(0xffffffffu, 0.5 + lane, 16);
 }
 
-// Tree reduction in static shared memory with barriers, plus an atomic counter.
+// Tree reduction in static shared memory with barriers, plus an atomic counter.  BARRIER=false
+// drops the barrier inside the loop: threads then read partial sums that are not written yet.
+template <bool BARRIER>
 __global__ void selftest_block_sum(const float* x, float* out, int* counter) {
     __shared__ float partial[1024];
     partial[threadIdx.x] = x[blockIdx.x * blockDim.x + threadIdx.x];
     __syncthreads();
     for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
         if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
+        if (BARRIER) __syncthreads();
     }
+    __syncthreads();
     if (threadIdx.x == 0) out[blockIdx.x] = partial[0];
     atomicAdd(counter, 1);
-}
-
-// The same reduction without the barrier inside the loop: reads partial sums not yet written.
-__global__ void selftest_block_sum_racy(const float* x, float* out) {
-    __shared__ float partial[1024];
-    partial[threadIdx.x] = x[blockIdx.x * blockDim.x + threadIdx.x];
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) out[blockIdx.x] = partial[0];
 }
 
 // Dynamic shared memory: reverse each block.
