@@ -96,10 +96,11 @@ if cupy is not None:
         return _module(numpy.dtype(dtype).char).get_function(name)
 
 
-def nvrtc_compile(dtype, arch):
+def nvrtc_compile(dtype, arch, extra_options=(), want_log=False):
     """Compile every instantiation for ``dtype`` with NVRTC for ``arch`` (e.g. 'compute_90').
 
-    Needs no GPU.  Returns the PTX; raises ``RuntimeError`` with the compiler log on error.
+    Needs no GPU.  Returns the PTX (compute_*) or the cubin (sm_*), and with
+    ``want_log`` also the compiler log; raises ``RuntimeError`` with the log on error.
     """
     from cupy.cuda import nvrtc
     names = name_expressions(dtype)
@@ -108,12 +109,28 @@ def nvrtc_compile(dtype, arch):
         for name in names:
             nvrtc.addNameExpression(prog, name)
         try:
-            nvrtc.compileProgram(prog, list(nvrtc_options()) + ['-arch=' + arch])
+            nvrtc.compileProgram(prog, list(nvrtc_options()) + ['-arch=' + arch] + list(extra_options))
         except nvrtc.NVRTCError as exc:
             raise RuntimeError('NVRTC failed for {} ({}):\n{}'.format(
                 arch, numpy.dtype(dtype), nvrtc.getProgramLog(prog))) from exc
         for name in names:
             nvrtc.getLoweredName(prog, name)  # raises if an instantiation is missing
-        return nvrtc.getPTX(prog)
+        code = nvrtc.getCUBIN(prog) if arch.startswith('sm_') else nvrtc.getPTX(prog)
+        return (code, nvrtc.getProgramLog(prog)) if want_log else code
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def register_usage(dtype, arch):
+    """{mangled kernel name: registers per thread} from ptxas (run by NVRTC for an sm_* arch)."""
+    import re
+    _, log = nvrtc_compile(dtype, arch, ['--ptxas-options=-v'], want_log=True)
+    usage, entry = {}, None
+    for line in log.splitlines():
+        found = re.search(r"Compiling entry function '(\w+)'", line)
+        if found:
+            entry = found.group(1)
+        found = re.search(r'Used (\d+) registers', line)
+        if found and entry:
+            usage[entry] = int(found.group(1))
+    return usage

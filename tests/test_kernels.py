@@ -46,6 +46,18 @@ def test_nvrtc_compiles_every_instantiation(dtype, arch):
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed')
+@pytest.mark.parametrize('arch', ['sm_80', 'sm_90'])
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_registers_allow_the_largest_block(dtype, arch):
+    """A 1024-thread launch fails on a GPU if a thread needs more than 64K / 1024 registers."""
+    usage = _kernels.register_usage(dtype, arch)
+    assert len(usage) == len(_kernels.name_expressions(dtype))
+    largest_block = max(group for _, group in _cupy_backend.GROUP_TABLE if group)
+    limit = 65536 // largest_block
+    assert all(0 < regs <= limit for regs in usage.values()), usage
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed')
 def test_nvrtc_reports_compile_errors(tmp_path, monkeypatch):
     broken = tmp_path / 'kernels'
     broken.mkdir()

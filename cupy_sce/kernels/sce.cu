@@ -66,8 +66,12 @@ __device__ __forceinline__ int hard_label(const L* label, long long row, long lo
 //   group_size  threads per row (see the header)
 //   bad_row     smallest row with an out-of-range hard label (atomicMin); may be null
 // ------------------------------------------------------------------------------------------
+// The largest block the host launches (_cupy_backend.GROUP_TABLE): the compiler must fit a
+// thread's registers in 64K / MAX_BLOCK, or the launch fails ("too many resources requested").
+#define SCE_MAX_BLOCK 1024
+
 template <typename T, typename L, int VEC, bool CACHE_ROW>
-__global__ void cupy_sce_fused_rows(const T* x, const L* label, const T* softmax_in,
+__global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_fused_rows(const T* x, const L* label, const T* softmax_in,
                                const typename sce::Acc<T>::type* lse_in,
                                const typename sce::Acc<T>::type* loss_grad, T* loss_out,
                                typename sce::Acc<T>::type* lse_out, T* softmax_out, T* grad_out,
@@ -189,7 +193,7 @@ __global__ void cupy_sce_fused_rows(const T* x, const L* label, const T* softmax
 //   Dynamic shared memory: group_size / 32 values of A when group_size > 32.
 // ------------------------------------------------------------------------------------------
 template <typename T, int VEC>
-__global__ void cupy_sce_row_max(const T* x, typename sce::Acc<T>::type* row_max_out, long long n_rows,
+__global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_row_max(const T* x, typename sce::Acc<T>::type* row_max_out, long long n_rows,
                             long long K, long long inner, int group_size) {
     typedef typename sce::Acc<T>::type A;
     const int lane = threadIdx.x % group_size;
