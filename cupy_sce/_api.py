@@ -28,6 +28,7 @@ _FLOAT_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
                  numpy.dtype(numpy.float64))
 
 _state = threading.local()
+_INT64_MIN, _INT64_MAX = int(numpy.iinfo(numpy.int64).min), int(numpy.iinfo(numpy.int64).max)
 
 
 def get_array_module(*arrays):
@@ -174,6 +175,8 @@ class _Problem:
         self.acc_dtype = compute_dtype(logits.dtype)
         self.soft_label = _check_bool('soft_label', soft_label)
         self.ignore_index = _check_int('ignore_index', ignore_index)
+        if not _INT64_MIN <= self.ignore_index <= _INT64_MAX:
+            raise ValueError('ignore_index {} does not fit in int64'.format(self.ignore_index))
         self.axis = _normalize_axis(axis, logits.ndim)
         shape = logits.shape
         self.outer = _prod(shape[:self.axis])

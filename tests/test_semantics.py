@@ -349,6 +349,8 @@ def test_error_messages(numpy_backend):
          lambda: f(x, x.astype(numpy.int64), soft_label=True)),
         (ValueError, 'must equal logits shape', lambda: f(x, x[:, :2], soft_label=True)),
         (TypeError, 'ignore_index must be an int', lambda: f(x, lab, ignore_index=1.5)),
+        (ValueError, 'ignore_index 9223372036854775808 does not fit in int64',
+         lambda: f(x, lab, ignore_index=2 ** 63)),
         (TypeError, 'soft_label must be a bool', lambda: f(x, lab, soft_label=1)),
         (TypeError, 'return_softmax must be a bool', lambda: f(x, lab, return_softmax='yes')),
         (TypeError, 'numeric_stable_mode must be a bool', lambda: f(x, lab, numeric_stable_mode=None)),
