@@ -11,9 +11,10 @@ position.  The steps are the kernels' steps, with the kernels' names:
 5. gradient               -- ``(softmax - onehot(label)) * loss_grad`` (hard) or
                              ``(softmax * sum_k(label_k) - label) * loss_grad`` (soft)
 
-Speed: rows are processed in blocks sized to stay in L2, on a thread pool
-(NumPy releases the GIL inside ufuncs), with in-place ufuncs writing into
-per-thread scratch or straight into the output.  When K is tiny a row-wise
+Speed: rows are processed in tiles of about 1 MiB (BLOCK_ELEMENTS, measured),
+one chunk of tiles per thread of a pool (NumPy releases the GIL inside
+ufuncs), with in-place ufuncs writing into per-thread scratch or straight into
+the output; each tile does its own label step, as each kernel row does.  When K is tiny a row-wise
 reduction is all overhead, so such blocks are transposed to ``(1, K, rows)``
 and reduced across K contiguous vectors -- the layout the strided
 (``inner > 1``) case already has.  There is no loop over rows in Python and

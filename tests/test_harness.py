@@ -113,3 +113,14 @@ def test_launch_checks(selftest):
         selftest('selftest_ids', 1, 4, (7,))
     with pytest.raises(harness.HarnessError, match='no such kernel'):
         selftest('selftest_nothing', 1, 4, (out,))
+
+
+def test_registry_is_the_backends_instantiation_list():
+    from cupy_sce import _kernels
+    expected = [n for dt in harness.DTYPES for n in _kernels.name_expressions(dt)]
+    assert harness.kernel_names() == expected
+
+
+def test_asan_build_matches_environment():
+    """The ASan probe (test_mutations) must really run the AddressSanitizer build."""
+    assert harness.is_asan() == (os.environ.get('CUPY_SCE_HARNESS_ASAN') == '1')

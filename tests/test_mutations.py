@@ -22,7 +22,8 @@ ROOT = os.path.dirname(HERE)
 pytestmark = pytest.mark.skipif(harness.unavailable_reason() is not None,
                                 reason='host harness unavailable: {}'.format(harness.unavailable_reason()))
 
-PROBE = ['tests/test_kernels.py::test_every_instantiation_runs_and_matches',
+PROBE = ['tests/test_harness.py::test_asan_build_matches_environment',
+         'tests/test_kernels.py::test_every_instantiation_runs_and_matches',
          'tests/test_kernels.py::test_64bit_offsets_on_huge_sparse_buffers',
          'tests/test_kernels.py::test_in_place_every_group_size',
          'tests/test_semantics.py']
