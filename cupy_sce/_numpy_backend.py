@@ -41,7 +41,9 @@ _num_threads = None
 def _default_num_threads():
     env = os.environ.get('CUPY_SCE_NUM_THREADS')
     if env:
-        return max(1, int(env))
+        if not env.strip().isdigit() or int(env) < 1:
+            raise ValueError('CUPY_SCE_NUM_THREADS must be a positive integer, got {!r}'.format(env))
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux

@@ -439,3 +439,24 @@ def test_array_likes_and_non_arrays(numpy_backend):
         cupy_sce.softmax_with_cross_entropy([[0, 1, 2]], [[2]])
     with pytest.raises(TypeError):
         cupy_sce.softmax_with_cross_entropy(object(), [[2]])
+
+
+def test_thread_settings(monkeypatch):
+    x, label = make_case(numpy.random.default_rng(14), (300, 7), -1)
+    expected = cupy_sce.softmax_with_cross_entropy(x, label)
+    try:
+        for n in (1, 3):
+            cupy_sce.set_num_threads(n)
+            assert cupy_sce.get_num_threads() == n
+            numpy.testing.assert_array_equal(cupy_sce.softmax_with_cross_entropy(x, label), expected)
+        for bad in (0, -1, 2.0, True):
+            with pytest.raises(ValueError, match='num_threads must be a positive int'):
+                cupy_sce.set_num_threads(bad)
+        cupy_sce.set_num_threads(None)
+        monkeypatch.setenv('CUPY_SCE_NUM_THREADS', 'two')
+        with pytest.raises(ValueError, match="CUPY_SCE_NUM_THREADS must be a positive integer, got 'two'"):
+            cupy_sce.get_num_threads()
+        monkeypatch.setenv('CUPY_SCE_NUM_THREADS', '1')
+        assert cupy_sce.get_num_threads() == 1
+    finally:
+        cupy_sce.set_num_threads(None)
