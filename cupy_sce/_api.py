@@ -230,6 +230,16 @@ class _Problem:
                 name, value.shape, self.loss_shape, self.row_shape, self.shape, self.axis))
         return self.xp.ascontiguousarray(value, dtype=dtype).reshape(self.outer, self.inner)
 
+    def loss_grad_rows(self, loss_grad):
+        """``loss_grad`` as (outer, inner) in the compute dtype; None (ones) stays None."""
+        return None if loss_grad is None else self.row_array(loss_grad, 'loss_grad', self.acc_dtype)
+
+    def reject_bad_labels_before_overwrite(self, backend, grad):
+        """When the gradient is written into the logits (``grad is self.x``), raise for a bad
+        hard label before anything is overwritten (one extra gather, only with the check on)."""
+        if grad is self.x and self.check_labels and not self.soft_label:
+            self.check(backend.gather_label_logit(self)[1])
+
     def raise_bad_label(self, row):
         """Raise the IndexError for the label of canonical row ``row``."""
         label = self.label_user
@@ -334,13 +344,10 @@ def backward(loss_grad, logits, lse, label, soft_label=False, ignore_index=-100,
         [('loss_grad', loss_grad), ('logits', logits), ('lse', lse), ('label', label), ('out', out)])
     p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
     lse2 = p.row_array(lse, 'lse', p.acc_dtype)
-    g2 = None if loss_grad is None else p.row_array(loss_grad, 'loss_grad', p.acc_dtype)
     grad, target, copy_back = _grad_target(p, out, 'out')
-    if grad is p.x and p.check_labels and not p.soft_label:
-        # The gradient overwrites the logits: reject bad labels before anything is written.
-        _, bad_row = _backend_for(xp).gather_label_logit(p)
-        p.check(bad_row)
-    p.check(_backend_for(xp).backward_out(p, g2, lse2, None, grad))
+    backend = _backend_for(xp)
+    p.reject_bad_labels_before_overwrite(backend, grad)
+    p.check(backend.backward_out(p, p.loss_grad_rows(loss_grad), lse2, None, grad))
     return _finish_grad(p, grad, target, copy_back)
 
 
@@ -356,9 +363,8 @@ def softmax_with_cross_entropy_grad(loss_grad, softmax, label, soft_label=False,
         [('loss_grad', loss_grad), ('softmax', softmax), ('label', label)])
     _check_logits(softmax, 'softmax')
     p = _Problem(xp, softmax, label, soft_label, ignore_index, axis)
-    g2 = None if loss_grad is None else p.row_array(loss_grad, 'loss_grad', p.acc_dtype)
     grad = p.empty((p.outer, p.K, p.inner), p.dtype)
-    p.check(_backend_for(xp).backward_out(p, g2, None, p.x, grad))
+    p.check(_backend_for(xp).backward_out(p, p.loss_grad_rows(loss_grad), None, p.x, grad))
     return grad.reshape(p.shape)
 
 
@@ -373,14 +379,11 @@ def forward_backward(logits, label, loss_grad=None, soft_label=False, ignore_ind
         [('logits', logits), ('label', label), ('loss_grad', loss_grad)])
     inplace = _check_bool('inplace', inplace)
     p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
-    g2 = None if loss_grad is None else p.row_array(loss_grad, 'loss_grad', p.acc_dtype)
     grad, target, copy_back = _grad_target(p, logits if inplace else None, 'logits')
     backend = _backend_for(xp)
-    if inplace and p.check_labels and not p.soft_label:
-        _, bad_row = backend.gather_label_logit(p)
-        p.check(bad_row)
+    p.reject_bad_labels_before_overwrite(backend, grad)
     loss = p.empty((p.outer, p.inner), p.dtype)
-    p.check(backend.forward_backward_out(p, g2, loss, grad))
+    p.check(backend.forward_backward_out(p, p.loss_grad_rows(loss_grad), loss, grad))
     return loss.reshape(p.loss_shape), _finish_grad(p, grad, target, copy_back)
 
 
