@@ -56,13 +56,20 @@ OPS = ('forward', 'forward+softmax', 'backward', 'forward+backward', 'forward+ba
 # ---------------------------------------------------------------- inputs and the byte model
 
 def make_inputs(xp, shape, axis, dtype, seed=0):
-    rng = numpy.random.default_rng(seed)
-    x = rng.standard_normal(shape, dtype=numpy.float32)
-    x *= 2
+    """Logits ~ N(0, 2**2) and uniform labels, drawn where they will be used (a GPU draws 1e9
+    normals in milliseconds, the host in seconds)."""
     lshape = list(shape)
     lshape[axis] = 1
-    label = rng.integers(0, shape[axis], size=lshape)
-    return xp.asarray(x.astype(dtype)), xp.asarray(label)
+    if xp is numpy:
+        rng = numpy.random.default_rng(seed)
+        x = rng.standard_normal(shape, dtype=numpy.float32)
+        label = rng.integers(0, shape[axis], size=lshape)
+    else:
+        rng = xp.random.RandomState(seed)
+        x = rng.standard_normal(shape, dtype=numpy.float32)
+        label = rng.randint(0, shape[axis], size=lshape, dtype=numpy.int64)
+    x *= 2
+    return x.astype(dtype, copy=False), label
 
 
 def bytes_moved(op, shape, axis, itemsize):
@@ -130,8 +137,11 @@ def torch_peer(op, x, label, axis, device):
         return None
     if device == 'cuda' and not torch.cuda.is_available():
         return None
-    xt = torch.as_tensor(numpy.asarray(x.get() if hasattr(x, 'get') else x)).to(device)
-    lt = torch.as_tensor(numpy.asarray(label.get() if hasattr(label, 'get') else label)).to(device)
+    if device == 'cuda' and hasattr(x, '__dlpack__'):  # zero-copy view of the CuPy arrays
+        xt, lt = torch.from_dlpack(x), torch.from_dlpack(label)
+    else:
+        xt = torch.as_tensor(numpy.asarray(x.get() if hasattr(x, 'get') else x)).to(device)
+        lt = torch.as_tensor(numpy.asarray(label.get() if hasattr(label, 'get') else label)).to(device)
     lt = lt.squeeze(axis)
     class_axis = axis % xt.ndim
     if class_axis != 1:  # F.cross_entropy wants classes on dim 1
@@ -210,16 +220,24 @@ def extra_peak_bytes(fn):
 
 
 def peak_bandwidth_gbs():
+    """2 * memory clock * bus width, from the device attributes (CUDA 13 dropped the fields from
+    cudaDeviceProp, the attributes remain), else from NVML."""
     import cupy
     rt = cupy.cuda.runtime
     try:
         clock_khz = rt.deviceGetAttribute(rt.cudaDevAttrMemoryClockRate, 0)
         bus_bits = rt.deviceGetAttribute(rt.cudaDevAttrGlobalMemoryBusWidth, 0)
     except Exception:
-        props = rt.getDeviceProperties(0)
-        clock_khz, bus_bits = props.get('memoryClockRate'), props.get('memoryBusWidth')
+        clock_khz = bus_bits = None
     if not clock_khz or not bus_bits:
-        return None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            clock_khz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM) * 1000
+            bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+        except Exception:
+            return None
     return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # DDR: two transfers per clock
 
 
@@ -237,17 +255,53 @@ def cpu_model():
 
 
 def peer_times(xp, op, x, label, axis, repeat, device):
-    """{peer: median seconds} for the naive composition and PyTorch on the same inputs."""
+    """{peer: median seconds} for the naive composition and PyTorch on the same inputs.
+
+    A peer that fails (out of memory, a missing function in an older release) is reported and
+    left out; it does not end the run."""
     timer = time_cpu if device == 'cpu' else time_gpu
     torch_timer = time_cpu if device == 'cpu' else time_torch_cuda
     peers = {}
-    naive_fn = naive(xp, op, x, label, axis)
-    if naive_fn is not None:
-        peers['{} naive'.format(xp.__name__)] = timer(naive_fn, repeat)[0]
-    torch_fn = torch_peer(op, x, label, axis, device)
-    if torch_fn is not None:
-        peers['torch {}'.format(device)] = torch_timer(torch_fn, repeat)[0]
+    candidates = (('{} naive'.format(xp.__name__), lambda: naive(xp, op, x, label, axis), timer),
+                  ('torch {}'.format(device), lambda: torch_peer(op, x, label, axis, device), torch_timer))
+    for peer, make, peer_timer in candidates:
+        try:
+            fn = make()
+            if fn is not None:
+                peers[peer] = peer_timer(fn, repeat)[0]
+        except Exception as exc:  # noqa: BLE001 -- a peer's failure is data, not the end of the run
+            print('# peer {} failed on {}: {}: {}'.format(peer, op, type(exc).__name__, str(exc)[:200]))
     return peers
+
+
+def check_against_float64(xp, x, label, axis, rows=256):
+    """Relative errors (loss, grad) of cupy_sce on the first ``rows`` entries of axis 0, computed
+    on the whole array, against a float64 composition written independently of the kernels:
+    loss = log(sum(exp(x - max))) + max - x[label], grad = exp(x - lse) - onehot(label)."""
+    loss, grad = cupy_sce.forward_backward(x, label, axis=axis)
+    x64 = x[:rows].astype(numpy.float64)
+    lab = label[:rows]
+    row_max = x64.max(axis=axis, keepdims=True)
+    lse = xp.log(xp.exp(x64 - row_max).sum(axis=axis, keepdims=True)) + row_max
+    ref_loss = lse - xp.take_along_axis(x64, lab, axis=axis)
+    ref_grad = xp.exp(x64 - lse)
+    xp.put_along_axis(ref_grad, lab, xp.take_along_axis(ref_grad, lab, axis=axis) - 1, axis=axis)
+
+    def rel(ours, ref):
+        return float(xp.linalg.norm((ours.astype(numpy.float64) - ref).ravel()) / xp.linalg.norm(ref.ravel()))
+    return rel(loss[:rows], ref_loss), rel(grad[:rows], ref_grad)
+
+
+CHECK_TOLERANCE = {'float16': 2e-3, 'float32': 1e-5, 'float64': 1e-12}
+
+
+def copy_bandwidth_gbs(repeat):
+    """Device-to-device copy of 2 GiB, counting bytes read plus written: the practical ceiling."""
+    import cupy
+    src = cupy.ones(2 ** 29, numpy.float32)
+    dst = cupy.empty_like(src)
+    seconds = time_gpu(lambda: cupy.copyto(dst, src), repeat)[0]
+    return 2 * 2 ** 31 / seconds / 1e9  # the buffers go back to the pool when this returns
 
 
 def run_cpu(args, rows):
@@ -286,24 +340,51 @@ def run_gpu(args, rows):
     import cupy
     props = cupy.cuda.runtime.getDeviceProperties(0)
     peak = peak_bandwidth_gbs()
+    copy = copy_bandwidth_gbs(args.repeat)
     name = props['name'].decode() if isinstance(props['name'], bytes) else props['name']
-    print('# GPU: {}, peak memory bandwidth {} GB/s, CuPy {}'.format(
-        name, 'unknown' if peak is None else '{:.0f}'.format(peak), cupy.__version__))
+    free_device_memory()
+    print('# GPU: {}, peak memory bandwidth {} GB/s (device attributes), device-to-device copy {:.0f} GB/s '
+          '(read + write), CuPy {}'.format(
+              name, 'unknown' if peak is None else '{:.0f}'.format(peak), copy, cupy.__version__))
+    print('# {} SMs, L2 {} MiB, shared memory per block {} KiB (opt-in {} KiB)'.format(
+        props.get('multiProcessorCount'), props.get('l2CacheSize', 0) // 2 ** 20,
+        props.get('sharedMemPerBlock', 0) // 1024, props.get('sharedMemPerBlockOptin', 0) // 1024))
     cases = GPU_QUICK if args.quick else GPU_CASES
+    failures = []
     for case, shape, axis in cases:
         for dtype in ((numpy.float32, numpy.float16) if shape[-1] > 100000 else (numpy.float32,)):
+            case_name = '{} {}'.format(case, numpy.dtype(dtype).name)
             x, label = make_inputs(cupy, shape, axis, dtype)
+            loss_err, grad_err = check_against_float64(cupy, x, label, axis)
+            ok = max(loss_err, grad_err) <= CHECK_TOLERANCE[numpy.dtype(dtype).name]
+            print('# check {}: loss rel err {:.2e}, grad rel err {:.2e} vs float64 -> {}'.format(
+                case_name, loss_err, grad_err, 'ok' if ok else 'FAILED'))
+            if not ok:
+                failures.append(case_name)
             _, lse = cupy_sce.forward(x, label, axis=axis)
             for op in OPS:
                 t_ours, t_min = time_gpu(ours(op, x, label, axis, lse), args.repeat)
                 gbs = bytes_moved(op, shape, axis, x.dtype.itemsize) / t_ours / 1e9
-                row = dict(device='gpu', case='{} {}'.format(case, numpy.dtype(dtype).name), op=op,
+                row = dict(device='gpu', case=case_name, op=op,
                            impl='cupy_sce', median_ms=t_ours * 1e3, min_ms=t_min * 1e3, gbs=gbs)
                 if peak:
                     row['peak_fraction'] = gbs / peak
+                row['copy_fraction'] = gbs / copy
                 emit(rows, row, peer_times(cupy, op, x, label, axis, args.repeat, 'cuda'))
             del x, label, lse
-            cupy.get_default_memory_pool().free_all_blocks()
+            free_device_memory()
+    return failures
+
+
+def free_device_memory():
+    import cupy
+    cupy.get_default_memory_pool().free_all_blocks()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def emit(rows, row, peers):
@@ -313,6 +394,8 @@ def emit(rows, row, peers):
     extra = ''
     if 'peak_fraction' in row:
         extra += ' {:5.1%} of peak'.format(row['peak_fraction'])
+    if 'copy_fraction' in row:
+        extra += ' {:5.1%} of copy'.format(row['copy_fraction'])
     if 'extra_peak_mib' in row:
         extra += ' extra peak {:.2f} MiB (logits {:.0f} MiB)'.format(row['extra_peak_mib'], row['logits_mib'])
     ratio_text = ', '.join('{} {:.1f} ms -> x{:.2f}'.format(p, row['peer_ms'][p], r)
@@ -327,12 +410,14 @@ def write_outputs(rows, out_dir):
     peers = sorted({p for r in rows for p in r['ratios']})
     with open(path, 'w', newline='') as f:
         w = csv.writer(f)
-        w.writerow(['device', 'case', 'op', 'median_ms', 'min_ms', 'gbs', 'peak_fraction', 'extra_peak_mib']
+        w.writerow(['device', 'case', 'op', 'median_ms', 'min_ms', 'gbs', 'peak_fraction', 'copy_fraction',
+                    'extra_peak_mib']
                    + ['{} ms'.format(p) for p in peers] + ['x vs {}'.format(p) for p in peers])
         for r in rows:
             w.writerow([r['device'], r['case'], r['op'], '{:.4f}'.format(r['median_ms']),
                         '{:.4f}'.format(r['min_ms']), '{:.2f}'.format(r['gbs']),
                         '{:.4f}'.format(r['peak_fraction']) if 'peak_fraction' in r else '',
+                        '{:.4f}'.format(r['copy_fraction']) if 'copy_fraction' in r else '',
                         '{:.3f}'.format(r['extra_peak_mib']) if 'extra_peak_mib' in r else '']
                        + ['{:.4f}'.format(r['peer_ms'][p]) if p in r['peer_ms'] else '' for p in peers]
                        + ['{:.3f}'.format(r['ratios'][p]) if p in r['ratios'] else '' for p in peers])
@@ -369,7 +454,7 @@ def main(argv=None):
         args.repeat = 3 if args.quick else 7
     if args.threads:
         cupy_sce.set_num_threads(args.threads)
-    rows = []
+    rows, failures = [], []
     if args.device in ('cpu', 'all'):
         run_cpu(args, rows)
     if args.device in ('gpu', 'all'):
@@ -379,10 +464,13 @@ def main(argv=None):
         except Exception:
             has_gpu = False
         if has_gpu:
-            run_gpu(args, rows)
+            failures = run_gpu(args, rows)
         else:
             print('# GPU: none available, GPU cases skipped')
     write_outputs(rows, args.out)
+    if failures:
+        print('# results differ from the float64 reference: ' + ', '.join(failures))
+        return 1
     return 0
 
 

@@ -97,8 +97,20 @@ def test_bench_gpu_path_runs_with_a_stand_in_device(tmp_path, monkeypatch):
     class FakeCupy(types.ModuleType):
         def __getattr__(self, name):
             return getattr(numpy, name)
+
+    class RandomState:  # cupy's signature: standard_normal and randint take a dtype
+        def __init__(self, seed):
+            self.rng = numpy.random.default_rng(seed)
+
+        def standard_normal(self, size, dtype):
+            return self.rng.standard_normal(size, dtype=dtype)
+
+        def randint(self, low, high, size, dtype):
+            return self.rng.integers(low, high, size=size, dtype=dtype)
+
     fake = FakeCupy('cupy')
     fake.cuda = cuda
+    fake.random = types.SimpleNamespace(RandomState=RandomState)
     fake.__version__ = 'stand-in'
     fake.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
     monkeypatch.setitem(sys.modules, 'cupy', fake)
@@ -106,13 +118,20 @@ def test_bench_gpu_path_runs_with_a_stand_in_device(tmp_path, monkeypatch):
                                              ('4x100001', (4, 100001), -1)])
     rows = []
     args = types.SimpleNamespace(quick=True, repeat=1)
-    bench.run_gpu(args, rows)
+    assert bench.run_gpu(args, rows) == []  # every case matches the float64 reference
     assert len(rows) == 4 * 5  # the wide case runs in float32 and float16
-    assert all(0 < r['peak_fraction'] for r in rows)
+    assert all(0 < r['peak_fraction'] and 0 < r['copy_fraction'] for r in rows)
     assert {'cupy naive'} <= set(rows[0]['ratios'])
     assert abs(bench.peak_bandwidth_gbs() - 3352.3) < 1  # H100 SXM: 2 * 2.619 GHz * 5120 bits / 8
     bench.write_outputs(rows, str(tmp_path))
     assert (tmp_path / 'bench.csv').exists()
+
+    # the correctness check can fail: a gradient off by 0.1% is reported, and main() would exit 1
+    right = bench.cupy_sce.forward_backward
+    monkeypatch.setattr(bench.cupy_sce, 'forward_backward',
+                        lambda *a, **k: (lambda r: (r[0], r[1] * 1.001))(right(*a, **k)))
+    monkeypatch.setattr(bench, 'GPU_QUICK', [('64x200', (64, 200), -1)])
+    assert bench.run_gpu(args, []) == ['64x200 float32']
 
 
 def test_device_check_script_parses():
