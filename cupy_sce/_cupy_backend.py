@@ -14,18 +14,35 @@ import numpy
 from cupy_sce import _kernels
 
 # Launch geometry by the number of vector chunks in a row (K / VEC): the smallest entry that
-# holds it gives the threads per row.  None means the next power of two >= chunks.
-#   <= 32 chunks   : part of a warp per row, several rows per block
+# holds it gives the threads per row.  None means about CHUNKS_PER_THREAD chunks per thread
+# (the next power of two >= chunks / CHUNKS_PER_THREAD): short rows get few threads, since the
+# shuffles that merge a row's partial states cost more than the loads they would split.
+#   <= 512 chunks  : a thread (K = 10: no shuffles at all) up to a warp per row
 #   <= 1024 chunks : a warp per row (<= 32 chunks per lane)
-#   <= 8192 chunks : a block of 256 threads per row
-#   larger         : a block of 1024 threads per row
-GROUP_TABLE = ((32, None), (1024, 32), (8192, 256), (float('inf'), 1024))
+#   larger         : a block of 256 threads per row.  On an H200 (scripts/tune_gpu.py) 256
+#                    beat 512 and 1024 threads per row at K = 128256: float16 forward 0.64 ms
+#                    against 0.91 ms; several small blocks per SM overlap one row's reduction
+#                    with another's loads.
+GROUP_TABLE = ((512, None), (1024, 32), (float('inf'), 256))
+CHUNKS_PER_THREAD = 16
 # Block size when several rows share a block (group size <= 32), and for the strided layout.
 ROWS_BLOCK = 256
 # Dynamic shared memory a launch may use without opting in (cudaFuncAttributeMaxDynamicShared...):
 # the row cache (CACHE_ROW) is used when the block's rows fit in it.
 SHARED_LIMIT = 48 * 1024
-WARP_PARTIALS = 32  # RowState<A> slots reserved ahead of the row cache (kernels/sce.cu)
+STATE_SLOTS = 33  # RowState<A> slots ahead of the row cache (SCE_STATE_SLOTS in kernels/sce.cu)
+# With USE_CLUSTERS, a row (a block per row) whose cache does not fit SHARED_LIMIT is split over
+# a thread block cluster (sm_90) of the smallest size whose per-CTA segment fits
+# CLUSTER_SEGMENT_LIMIT (three such CTAs share an SM's 228 KiB), else the opt-in maximum: one
+# read of the row instead of two.  Each CTA has CLUSTER_BLOCK threads.  Off by default: on an
+# H200 (scripts/tune_gpu.py, 2026-11-28) the clusters were slower than re-reading the row from
+# L2/HBM except at K = 128256 float32 (fused 3.10 ms against 3.37 ms), and slower there in float16
+# (2.10 against 1.85 ms) and at K = 32000 (0.57 against 0.50 ms): with a row split into cached
+# segments each CTA alternates between reading and writing, and three CTAs per SM keep too few
+# loads in flight.  The kernels are compiled, executed on the CPU and on a GPU by the tests.
+USE_CLUSTERS = False
+CLUSTER_SEGMENT_LIMIT = 64 * 1024
+CLUSTER_BLOCK = 256
 NO_BAD_ROW = numpy.iinfo(numpy.uint64).max
 NULL = numpy.uint64(0)  # a null pointer argument (8 bytes of zeros)
 
@@ -36,6 +53,7 @@ class CupyRuntime:
     def __init__(self):
         import cupy
         self.xp = cupy
+        self._limits = {}
 
     def kernel(self, dtype, name):
         return _kernels.get_function(dtype, name)
@@ -48,6 +66,15 @@ class CupyRuntime:
     def read_scalar(array):
         return int(array.get()[0])  # the one tiny device-to-host copy of the label check
 
+    def limits(self):
+        """(thread block clusters available, opt-in dynamic shared memory per block) of the current device."""
+        device = self.xp.cuda.Device()
+        found = self._limits.get(device.id)
+        if found is None:
+            found = self._limits[device.id] = (int(device.compute_capability) >= 90,
+                                               int(device.attributes['MaxSharedMemoryPerBlockOptin']))
+        return found
+
 
 def group_size_for(K, inner, vec):
     """Threads per row for rows of K classes, ``inner`` apart, read ``vec`` at a time."""
@@ -56,7 +83,9 @@ def group_size_for(K, inner, vec):
     chunks = max(1, -(-K // vec))
     for limit, group in GROUP_TABLE:
         if chunks <= limit:
-            return group if group is not None else 1 << (chunks - 1).bit_length()
+            if group is None:
+                group = 1 << (-(-chunks // CHUNKS_PER_THREAD) - 1).bit_length()
+            return group
     raise AssertionError('unreachable')
 
 
@@ -83,23 +112,42 @@ class CupyBackend:
         return group if group > 32 else ROWS_BLOCK
 
     @classmethod
-    def _shared_mem(cls, p, group, cache_row=False):
-        """Warp partials of the block reduction (RowState<A> is 4 values of A), and the row cache."""
+    def _shared_mem(cls, p, group, cache_row=False, cluster=1, vec=1):
+        """Warp partials of the block reduction (RowState<A> is 4 values of A), and the row cache:
+        the block's rows, or with a cluster this CTA's segment of ceil(K / vec / cluster) vectors."""
         state_bytes = 4 * p.acc_dtype.itemsize
+        if cluster > 1:
+            return STATE_SLOTS * state_bytes + -(-(p.K // vec) // cluster) * vec * p.dtype.itemsize
         if cache_row:
-            return WARP_PARTIALS * state_bytes + (cls._block(group) // group) * p.K * p.dtype.itemsize
+            return STATE_SLOTS * state_bytes + (cls._block(group) // group) * p.K * p.dtype.itemsize
         return (group // 32) * state_bytes if group > 32 else 0
 
-    def _launch(self, p, name, args, group, shared_mem=None):
-        """Launch ``name`` over all rows of ``p``, ``group`` threads per row."""
+    def _cluster_size(self, p, vec):
+        """CTAs per cluster for a row cache that does not fit one block's SHARED_LIMIT (1: none)."""
+        if not USE_CLUSTERS:
+            return 1
+        clusters, optin = self.runtime.limits()
+        if not clusters:
+            return 1
+        for limit in (min(CLUSTER_SEGMENT_LIMIT, optin), optin):
+            for cluster in _kernels.CLUSTER_SIZES:
+                if self._shared_mem(p, CLUSTER_BLOCK, cluster=cluster, vec=vec) <= limit:
+                    return cluster
+        return 1
+
+    def _launch(self, p, name, args, group, shared_mem=None, cluster=1):
+        """Launch ``name`` over all rows of ``p``, ``group`` threads per row (with a cluster: a row
+        per cluster of ``cluster`` blocks of ``group`` threads)."""
         n_rows = p.outer * p.inner
         if n_rows == 0:
             return
         block = self._block(group)
-        grid = -(-n_rows // (block // group))
+        grid = n_rows * cluster if cluster > 1 else -(-n_rows // (block // group))
         if shared_mem is None:
             shared_mem = self._shared_mem(p, group)
         kernel = self.runtime.kernel(p.dtype, name)
+        if shared_mem > SHARED_LIMIT and kernel.max_dynamic_shared_size_bytes < shared_mem:
+            kernel.max_dynamic_shared_size_bytes = shared_mem  # the opt-in
         kernel((grid,), (block,), args, shared_mem=shared_mem)
 
     def _bad_row_buffer(self, p):
@@ -134,14 +182,20 @@ class CupyBackend:
         # One read of each row: keep it in shared memory for pass 2 when pass 1 reads x and pass 2
         # re-reads it (softmax, gradient or soft loss), and the block's rows fit.
         pass2 = softmax is not None or grad is not None or (p.soft_label and loss is not None)
-        cache_row = (p.inner == 1 and x is not None and lse_in is None and softmax_in is None and pass2
-                     and self._shared_mem(p, group, True) <= SHARED_LIMIT)
+        cacheable = p.inner == 1 and x is not None and lse_in is None and softmax_in is None and pass2
+        cache_row = cacheable and self._shared_mem(p, group, True) <= SHARED_LIMIT
+        # a cluster splits one row, so only where a row has a block of its own
+        cluster = self._cluster_size(p, vec) if cacheable and not cache_row and group > 32 else 1
+        if cluster > 1:  # a row per cluster, each CTA caching its segment
+            group = CLUSTER_BLOCK
+            name = _kernels.cluster_name(p.dtype, label_type, vec, cluster)
+        else:
+            name = _kernels.fused_name(p.dtype, label_type, vec, cache_row)
         args = tuple(self._ptr(a) for a in (x, label, softmax_in, lse_in, loss_grad, loss, lse,
                                             softmax, grad))
         args += (numpy.int64(n_rows), numpy.int64(p.K), numpy.int64(p.inner),
                  numpy.int64(p.ignore_index), numpy.int32(group), self._ptr(bad_buf))
-        self._launch(p, _kernels.fused_name(p.dtype, label_type, vec, cache_row), args, group,
-                     self._shared_mem(p, group, cache_row))
+        self._launch(p, name, args, group, self._shared_mem(p, group, cache_row, cluster, vec), cluster)
         return self._bad_row(bad_buf)
 
     # ---------------------------------------------------------------- backend interface

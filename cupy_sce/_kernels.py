@@ -29,6 +29,21 @@ def fused_name(dtype, label_type, vec, cache_row=False):
         CUDA_TYPE[numpy.dtype(dtype)], label_type, vec, 'true' if cache_row else 'false')
 
 
+CLUSTER_SIZES = (2, 4, 8)  # thread block clusters of cupy_sce_fused_cluster (8: the portable maximum)
+
+
+def cluster_name(dtype, label_type, vec, cluster):
+    return 'cupy_sce_fused_cluster<{}, {}, {}, {}>'.format(
+        CUDA_TYPE[numpy.dtype(dtype)], label_type, vec, cluster)
+
+
+def cluster_size(name):
+    """CTAs per thread block cluster of the kernel ``name`` (1 for kernels without clusters)."""
+    if not name.startswith('cupy_sce_fused_cluster<'):
+        return 1
+    return int(name.rstrip('>').rsplit(',', 1)[1])
+
+
 def row_max_name(dtype, vec):
     return 'cupy_sce_row_max<{}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], vec)
 
@@ -46,6 +61,7 @@ def name_expressions(dtype):
     """Every instantiation the backend can launch for logits of ``dtype``."""
     vecs = (1, vector_width(dtype))
     names = [fused_name(dtype, lt, v, c) for lt in label_types(dtype) for v in vecs for c in (False, True)]
+    names += [cluster_name(dtype, lt, v, c) for lt in label_types(dtype) for v in vecs for c in CLUSTER_SIZES]
     names += [row_max_name(dtype, v) for v in vecs]
     names += [gather_name(dtype, lt) for lt in LABEL_TYPE.values()]
     return names

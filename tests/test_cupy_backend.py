@@ -71,7 +71,8 @@ def test_strided_axes(xp, shape, axis, label_dtype):
 def test_non_contiguous_and_negative_strides(xp):
     x, label = _case(xp, (8, 40, 6), 1)
     parts = []
-    for view, lab in ((x[::-1], label[::-1]), (x[:, ::2], label), (xp.asfortranarray(x), label)):
+    halved = xp.where(label < 0, label, label // 2)  # labels for the K / 2 classes of x[:, ::2]
+    for view, lab in ((x[::-1], label[::-1]), (x[:, ::2], halved), (xp.asfortranarray(x), label)):
         parts.append(cupy_sce.forward_backward(view, lab, axis=1)[1].ravel())
     return xp.concatenate(parts)
 
@@ -129,3 +130,34 @@ def test_64bit_offsets_on_device():
     assert abs(float(loss[-1, 0]) - expected_last) < 1e-2
     assert abs(float(loss[0, 0]) - numpy.log(K)) < 1e-2
     del x
+
+
+@pytest.mark.parametrize('K,dtype', [(128256, numpy.float32), (128256, numpy.float16), (50257, numpy.float32),
+                                     (32000, numpy.float64)])
+@pytest.mark.parametrize('soft', [False, True])
+def test_large_rows_through_clusters(K, dtype, soft):
+    """Rows too large for one CTA's shared memory: the cluster kernels (sm_90) or the re-read."""
+    from conftest import Backend
+    from test_semantics import assert_all_outputs
+    x, label = make_case(numpy.random.default_rng(K), (3, K), -1, soft=soft, dtype=dtype, ignore_index=1)
+    backend = Backend('cupy')
+    assert_all_outputs(backend, x, label, soft=soft, ignore_index=1)
+    if not soft:
+        xs, labels = cupy.asarray(x), cupy.asarray(label)
+        expected = cupy_sce.forward_backward(xs, labels, ignore_index=1)[1]
+        cupy_sce.forward_backward(xs, labels, ignore_index=1, inplace=True)
+        cupy.testing.assert_array_equal(xs, expected)
+
+
+def test_every_cluster_size_on_device(monkeypatch):
+    """Shrunken shared-memory limits send rows of a few hundred classes through clusters of 2, 4
+    and 8 CTAs, every dtype and label kind (the harness runs the same cases on the CPU)."""
+    from conftest import Backend
+    from test_kernels import run_cluster_cases
+    runtime = cupy_sce._api._backend_for(cupy).runtime
+    if not runtime.limits()[0]:
+        pytest.skip('thread block clusters need compute capability 9.0')
+    launched = []
+    original = runtime.kernel
+    monkeypatch.setattr(runtime, 'kernel', lambda dtype, name: launched.append(name) or original(dtype, name))
+    run_cluster_cases(Backend('cupy'), numpy.random.default_rng(5), monkeypatch, launched)

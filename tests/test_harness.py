@@ -9,7 +9,9 @@ from cupy_sce.testing import harness
 HERE = os.path.dirname(os.path.abspath(__file__))
 SELFTEST = ['selftest_shuffles', 'selftest_block_sum<true>', 'selftest_block_sum<false>',
             'selftest_dynamic_reverse', 'selftest_dynamic_overrun', 'selftest_ids', 'selftest_half',
-            'selftest_divergent_barrier', 'selftest_exited_lane_shuffle', 'selftest_lane_outside_mask']
+            'selftest_divergent_barrier', 'selftest_exited_lane_shuffle', 'selftest_lane_outside_mask',
+            'selftest_cluster_ring<true>', 'selftest_cluster_ring<false>',
+            'selftest_cluster_divergent_barrier']
 
 pytestmark = pytest.mark.skipif(harness.unavailable_reason() is not None,
                                 reason='host harness unavailable: {}'.format(harness.unavailable_reason()))
@@ -124,3 +126,48 @@ def test_registry_is_the_backends_instantiation_list():
 def test_asan_build_matches_environment():
     """The ASan probe (test_mutations) must really run the AddressSanitizer build."""
     assert harness.is_asan() == (os.environ.get('CUPY_SCE_HARNESS_ASAN') == '1')
+
+
+@pytest.mark.parametrize('cluster', [1, 2, 4, 8])
+def test_cluster_blocks_read_each_others_shared_memory(selftest, cluster):
+    out = numpy.zeros(8 * 64, numpy.float32)
+    selftest('selftest_cluster_ring<true>', 8, 64, (numpy.int32(cluster), out), shared_mem=16,
+             cluster=cluster)
+    block = numpy.arange(8)
+    neighbour = block - block % cluster + (block % cluster + 1) % cluster
+    numpy.testing.assert_array_equal(out.reshape(8, 64), numpy.repeat(neighbour, 64).reshape(8, 64))
+
+
+def test_missing_cluster_barrier_reads_unwritten_shared_memory(selftest):
+    """Blocks of a cluster run interleaved: without the barrier some thread reads a neighbour's
+    shared memory before the neighbour wrote it (the harness fills it with NaN bytes)."""
+    results = []
+    for seed in range(4):
+        out = numpy.zeros(8 * 64, numpy.float32)
+        selftest('selftest_cluster_ring<false>', 8, 64, (numpy.int32(4), out), shared_mem=16, cluster=4,
+                 seed=seed)
+        results.append(numpy.isnan(out).any())
+    assert any(results)
+
+
+def test_cluster_barrier_after_an_exit_is_reported(selftest):
+    with pytest.raises(harness.HarnessError, match='cluster barrier reached after 1 thread'):
+        selftest('selftest_cluster_divergent_barrier', 4, 32, (numpy.zeros(1, numpy.int32),), cluster=2)
+
+
+def test_cluster_and_shared_memory_launch_checks(selftest):
+    out = numpy.zeros(6 * 32, numpy.float32)
+    with pytest.raises(harness.HarnessError, match='cluster of 4 blocks for a grid of 6'):
+        selftest('selftest_cluster_ring<true>', 6, 32, (numpy.int32(4), out), shared_mem=16, cluster=4)
+    with pytest.raises(harness.HarnessError, match='cluster of 16 blocks'):
+        selftest('selftest_cluster_ring<true>', 16, 32,
+                 (numpy.int32(16), numpy.zeros(16 * 32, numpy.float32)),
+                 shared_mem=16, cluster=16)
+    big = 100 * 1024
+    with pytest.raises(harness.HarnessError, match='but the kernel allows 49152'):
+        selftest('selftest_cluster_ring<true>', 2, 32, (numpy.int32(2), out), shared_mem=big, cluster=2)
+    selftest('selftest_cluster_ring<true>', 2, 32, (numpy.int32(2), out), shared_mem=big, cluster=2,
+             max_shared=big)  # with the opt-in
+    with pytest.raises(harness.HarnessError, match='above the device'):
+        selftest('selftest_cluster_ring<true>', 2, 32, (numpy.int32(2), out), shared_mem=big, cluster=2,
+                 max_shared=300 * 1024)

@@ -39,22 +39,29 @@ def test_nvrtc_compiles_every_instantiation(dtype, arch):
     assert len(code) > 1000
     if arch.startswith('compute'):
         ptx = code.decode()
-        for name in ('cupy_sce_fused_rows', 'cupy_sce_row_max', 'cupy_sce_gather_label'):
+        for name in ('cupy_sce_fused_rows', 'cupy_sce_fused_cluster', 'cupy_sce_row_max',
+                     'cupy_sce_gather_label'):
             assert name in ptx
         # the VEC instantiations really use 16-byte accesses
         assert 'ld.global.v4' in ptx or 'ld.global.nc.v4' in ptx or 'ld.global.v2.f64' in ptx
+        if arch == 'compute_90':  # clusters: fixed dims, a cluster barrier, distributed shared memory
+            assert '.reqnctapercluster' in ptx or '.explicitcluster' in ptx
+            assert 'barrier.cluster' in ptx and 'mapa' in ptx
+        else:
+            assert 'trap' in ptx  # sm_80 has no clusters: those kernels only trap
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed')
 @pytest.mark.parametrize('arch', ['sm_80', 'sm_90'])
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_registers_allow_the_largest_block(dtype, arch):
-    """A 1024-thread launch fails on a GPU if a thread needs more than 64K / 1024 registers."""
+    """The kernels are bounded for 1024-thread blocks (64 registers a thread: four 256-thread
+    blocks share an SM); the host never launches larger ones."""
     usage = _kernels.register_usage(dtype, arch)
     assert len(usage) == len(_kernels.name_expressions(dtype))
-    largest_block = max(group for _, group in _cupy_backend.GROUP_TABLE if group)
-    limit = 65536 // largest_block
-    assert all(0 < regs <= limit for regs in usage.values()), usage
+    blocks = [group for _, group in _cupy_backend.GROUP_TABLE if group]
+    assert max(blocks + [_cupy_backend.ROWS_BLOCK, _cupy_backend.CLUSTER_BLOCK]) <= 1024
+    assert all(0 < regs <= 65536 // 1024 for regs in usage.values()), usage
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed')
@@ -74,7 +81,7 @@ def test_nvrtc_reports_compile_errors(tmp_path, monkeypatch):
 def test_instantiation_list():
     for dtype in DTYPES:
         names = _kernels.name_expressions(dtype)
-        assert len(names) == len(set(names)) == 16
+        assert len(names) == len(set(names)) == 16 + 18  # + cluster kernels: 3 labels x 2 VEC x 3 sizes
         assert all(n.startswith('cupy_sce_') for n in names)
 
 
@@ -82,18 +89,19 @@ def test_instantiation_list():
 
 @pytest.mark.parametrize('K,inner,vec,group', [
     (7, 3, 1, 1), (5000, 2, 1, 1),            # strided: a thread per row
-    (1, 1, 1, 1), (2, 1, 1, 2), (7, 1, 1, 8), (10, 1, 4, 4), (32, 1, 1, 32), (128, 1, 4, 32),
-    (33, 1, 1, 32), (1000, 1, 4, 32), (4096, 1, 4, 32), (1025, 1, 1, 256), (32000, 1, 4, 256),
-    (32768, 1, 4, 256), (32772, 1, 4, 1024), (128256, 1, 4, 1024), (128256, 1, 8, 1024)])
+    (1, 1, 1, 1), (2, 1, 1, 1), (10, 1, 1, 1), (64, 1, 4, 1),  # <= 16 chunks: a thread per row
+    (17, 1, 1, 2), (128, 1, 4, 2), (33, 1, 1, 4), (1000, 1, 4, 16), (2048, 1, 4, 32),
+    (4096, 1, 4, 32), (1025, 1, 1, 256), (32000, 1, 4, 256),
+    (32768, 1, 4, 256), (32772, 1, 4, 256), (128256, 1, 4, 256), (128256, 1, 8, 256)])
 def test_group_size_table(K, inner, vec, group):
     assert _cupy_backend.group_size_for(K, inner, vec) == group
 
 
 # ---------------------------------------------------------------- every variant on the harness
 
-VARIANT_CASES = [  # (shape, axis): sub-warp, warp, block of 256, block of 1024, strided, K == 1
+VARIANT_CASES = [  # (shape, axis): thread, sub-warp, warp, block of 256 / 1024 per row, strided, K == 1
     ((5, 64), -1), ((4, 63), -1), ((9, 8), -1), ((3, 7, 5), 1), ((2, 4097), -1), ((2, 9001), -1),
-    ((2, 33000), -1), ((6, 1), -1), ((1, 31), 0)]
+    ((2, 33000), -1), ((6, 1), -1), ((1, 31), 0), ((3, 100), -1), ((2, 2000), -1)]
 
 
 @needs_harness
@@ -129,9 +137,65 @@ def test_every_instantiation_runs_and_matches(monkeypatch):
                                          x.astype(numpy.float64).max(-1, keepdims=True))
         numpy.testing.assert_array_equal(backend(cupy_sce.row_max, x[:, :63].copy()),
                                          x[:, :63].astype(numpy.float64).max(-1, keepdims=True))
-    expected = {n for dt in DTYPES for n in _kernels.name_expressions(dt)}
+    expected = {n for dt in DTYPES for n in _kernels.name_expressions(dt) if _kernels.cluster_size(n) == 1}
     assert set(runtime.launched) == expected, expected ^ set(runtime.launched)
-    assert groups >= {1, 2, 4, 8, 16, 32, 256, 1024}, groups
+    assert groups >= {1, 2, 4, 8, 16, 32, 256}, groups
+
+
+@needs_harness
+def test_cluster_instantiations_run_and_match(monkeypatch):
+    """Every cupy_sce_fused_cluster instantiation (the rest: the test above), with 64-thread CTAs
+    (two warps: the block reduction still crosses warps) to keep the fibers few."""
+    backend = Backend('harness')
+    runtime = backend._harness.runtime
+    monkeypatch.setattr(_cupy_backend, 'CLUSTER_BLOCK', 64)
+    run_cluster_cases(backend, numpy.random.default_rng(4), monkeypatch, runtime.launched)
+    expected = {n for dt in DTYPES for n in _kernels.name_expressions(dt) if _kernels.cluster_size(n) > 1}
+    assert set(runtime.launched) >= expected, expected - set(runtime.launched)
+
+
+# a segment of at most this many bytes per CTA (with the limits below): small rows need clusters
+SEGMENT_BYTES = 256
+
+
+def cluster_cases(dtype):
+    """(K, expected cluster size): rows whose cache needs 2, 4, 8 CTAs, with 16-byte vectors and
+    with scalar loads (K not a multiple of the vector width)."""
+    itemsize, vec = numpy.dtype(dtype).itemsize, _kernels.vector_width(dtype)
+    cases = []
+    for cluster in _kernels.CLUSTER_SIZES:
+        cases.append(((cluster * (SEGMENT_BYTES // 16) - 1) * vec, cluster))   # n_vec = 16c - 1
+        cases.append((cluster * (SEGMENT_BYTES // itemsize) - 1, cluster))     # odd K: VEC = 1
+    return cases
+
+
+def run_cluster_cases(backend, rng, monkeypatch, launched):
+    """Shrink the shared-memory limits so that rows of a few hundred classes take the cluster
+    kernels (the same host logic picks them for K = 128256 on a GPU); check every output.
+    ``launched``: the list the backend's runtime appends kernel names to."""
+    monkeypatch.setattr(_cupy_backend, 'USE_CLUSTERS', True)
+    # a block per row, as for large K (clusters split only such rows)
+    monkeypatch.setattr(_cupy_backend, 'GROUP_TABLE', ((float('inf'), 64),))
+    for dtype in DTYPES:
+        state_slots = _cupy_backend.STATE_SLOTS * 4 * cupy_sce.compute_dtype(dtype).itemsize
+        monkeypatch.setattr(_cupy_backend, 'SHARED_LIMIT', state_slots + SEGMENT_BYTES)
+        monkeypatch.setattr(_cupy_backend, 'CLUSTER_SEGMENT_LIMIT', state_slots + SEGMENT_BYTES)
+        for K, cluster in cluster_cases(dtype):
+            for label_kind in ('int32', 'int64', 'soft'):
+                soft = label_kind == 'soft'
+                x, label = make_case(rng, (2, K), -1, soft=soft, dtype=dtype, ignore_index=1,
+                                     label_dtype=numpy.int32 if label_kind == 'int32' else numpy.int64)
+                before = len(launched)
+                assert_all_outputs(backend, x, label, soft=soft, ignore_index=1)
+                clusters = {_kernels.cluster_size(n) for n in launched[before:]}
+                assert cluster in clusters, (dtype, K, cluster, launched[before:])
+                if not soft:  # in place through a cluster: each CTA writes only its own segment
+                    _, expected = backend(cupy_sce.forward_backward, x, label, ignore_index=1)
+                    logits = backend.asarray(x.copy())
+                    with backend.active():
+                        cupy_sce.forward_backward(logits, backend.asarray(label), ignore_index=1,
+                                                  inplace=True)
+                    numpy.testing.assert_array_equal(backend.to_numpy(logits), expected)
 
 
 @needs_harness

@@ -24,34 +24,35 @@ pytestmark = pytest.mark.skipif(harness.unavailable_reason() is not None,
 
 PROBE = ['tests/test_harness.py::test_asan_build_matches_environment',
          'tests/test_kernels.py::test_every_instantiation_runs_and_matches',
+         'tests/test_kernels.py::test_cluster_instantiations_run_and_match',
          'tests/test_kernels.py::test_64bit_offsets_on_huge_sparse_buffers',
          'tests/test_kernels.py::test_in_place_every_group_size',
          'tests/test_semantics.py']
 
-_PASS2_LOOP = ('for (long long j = lane; j {} n_vec; j += group_size) {{\n'
-               '            const long long off = base + j * VEC * inner;\n            // CACHE_ROW')
+_PASS2_GUARD = ('if (j {} seg_end) continue;\n'
+                '                sce::Vec<T, VEC> sm, gr;')
 # name: (file, original text, mutated text, occurrence to replace (0 = first), needs ASan to show)
 MUTANTS = {
     'label gather off by one': (
         'sce.cu', 'state.picked = sce::to_acc(x[base + lab * inner]);',
         'state.picked = sce::to_acc(x[base + (lab + 1) * inner]);', 0, False),
     'missing __syncthreads before reading warp partials': (
-        'sce_common.cuh', '        __syncthreads();\n        v = warp_partials[0];',
-        '        v = warp_partials[0];', 0, False),
+        'sce_common.cuh', '        __syncthreads();\n        // every warp reduces',
+        '        // every warp reduces', 0, False),
     'missing __syncthreads before reusing warp partials': (
         'sce_common.cuh', '        __syncthreads();  // warp_partials is reused by the next reduction\n',
         '', 0, False),
     'wrong stride in pass 1': (
-        'sce.cu', 'const long long off = base + j * VEC * inner;', 'const long long off = base + j * VEC;',
-        0, False),
+        'sce.cu', 'dst[u] = sce::load_vec<T, VEC>(x_row + j * vec_stride);',
+        'dst[u] = sce::load_vec<T, VEC>(x_row + j * VEC);', 0, False),
     'wrong stride in the row base': (
         'sce_common.cuh', 'return (row / inner) * K * inner + row % inner;',
         'return (row / inner) * K + row % inner;', 0, False),
     'reduction over too few lanes': (
         'sce_common.cuh', 'for (int lane_mask = width / 2;', 'for (int lane_mask = width / 4;', 0, False),
     'warp partials from too few warps': (
-        'sce_common.cuh', 'for (int w = 1; w < group_size / 32; ++w)',
-        'for (int w = 1; w < group_size / 64; ++w)', 0, False),
+        'sce_common.cuh', 'const int n_warps = group_size / 32;', 'const int n_warps = group_size / 64;',
+        0, False),
     'label range check off by one': (
         'sce_common.cuh', '(label < 0 || label >= K)', '(label < 0 || label > K)', 0, False),
     'ignored rows not zeroed': (
@@ -62,11 +63,15 @@ MUTANTS = {
     'inactive threads leave before the shuffles': (
         'sce.cu', '    const long long n_vec = K / VEC;',
         '    if (!active) return;\n    const long long n_vec = K / VEC;', 0, False),
+    'cluster merge skips the last CTA': (
+        'sce_common.cuh', 'for (unsigned c = 1; c < CLUSTER; ++c)',
+        'for (unsigned c = 1; c + 1 < CLUSTER; ++c)', 0, False),
+    'cluster segment cached at the row offset': (
+        'sce.cu', 'row_cache[j - seg_begin] = v[u];', 'row_cache[j] = v[u];', 0, True),
     'row cache slot of the wrong group': (
-        'sce.cu', '+ (threadIdx.x / group_size) * n_vec', '+ (threadIdx.x / group_size)', 0, False),
+        'sce.cu', '+ (threadIdx.x / group_size) * seg_chunks', '+ (threadIdx.x / group_size)', 0, False),
     'pass 2 runs one vector past the row (ASan)': (
-        'sce.cu', _PASS2_LOOP.format('<'), _PASS2_LOOP.format('<='),
-        0, True),
+        'sce.cu', _PASS2_GUARD.format('>='), _PASS2_GUARD.format('>'), 0, True),
 }
 
 

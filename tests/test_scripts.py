@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from cupy_sce.testing import harness
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -138,3 +140,40 @@ def test_device_check_script_parses():
     result = subprocess.run(['bash', '-n', os.path.join(ROOT, 'scripts', 'device_check.sh')],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(harness.unavailable_reason() is not None, reason='host harness unavailable')
+def test_tune_gpu_runs_its_variants_on_the_harness(tmp_path, monkeypatch):
+    """scripts/tune_gpu.py end to end with the kernels on the host harness and a stand-in for
+    cupy's device queries: every variant runs, agrees with the default, and gets a line."""
+    import importlib.util
+    import types
+
+    import numpy
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, 'scripts'))
+    spec = importlib.util.spec_from_file_location('tune_gpu', os.path.join(ROOT, 'scripts', 'tune_gpu.py'))
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    bench = tune.bench
+
+    class HarnessVariant(harness.HarnessRuntime):
+        def __init__(self, options):  # the harness builds the default kernels only
+            super().__init__()
+
+    import cupy as real_cupy
+    fake = types.ModuleType('cupy')
+    fake.__file__ = real_cupy.__file__
+    device = types.SimpleNamespace(getDeviceProperties=lambda d: {'name': b'x'})
+    fake.cuda = types.SimpleNamespace(runtime=device)
+    monkeypatch.setitem(sys.modules, 'cupy', fake)
+    monkeypatch.setattr(tune, 'VariantRuntime', HarnessVariant)
+    monkeypatch.setattr(tune, 'CASES', [('3x20000', (3, 20000), numpy.float32)])
+    monkeypatch.setattr(bench, 'peak_bandwidth_gbs', lambda: 1000.0)
+    monkeypatch.setattr(bench, 'time_gpu', bench.time_cpu)
+    monkeypatch.setattr(bench, 'free_device_memory', lambda: None)
+    draw = bench.make_inputs  # NumPy arrays stand in for device arrays
+    monkeypatch.setattr(bench, 'make_inputs', lambda xp, shape, axis, dtype: draw(numpy, shape, axis, dtype))
+    assert tune.main(['--repeat', '1', '--rounds', '1', '--out', str(tmp_path)]) == 0
+    lines = (tmp_path / 'tune_gpu.txt').read_text().splitlines()
+    assert len(lines) == len(tune.VARIANTS) and all('forward+backward' in line for line in lines)

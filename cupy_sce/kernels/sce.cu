@@ -69,28 +69,63 @@ __device__ __forceinline__ int hard_label(const L* label, long long row, long lo
 // The largest block the host launches (_cupy_backend.GROUP_TABLE): the compiler must fit a
 // thread's registers in 64K / MAX_BLOCK, or the launch fails ("too many resources requested").
 #define SCE_MAX_BLOCK 1024
+// Tuning knobs (scripts/tune_gpu.py compiles variants with -D): chunks loaded per step (0: by
+// type) and whether pass 1 loads the next step before the arithmetic of the current one.
+#ifndef SCE_UNROLL
+#define SCE_UNROLL 0
+#endif
+#ifndef SCE_PREFETCH
+#define SCE_PREFETCH 0
+#endif
 
-template <typename T, typename L, int VEC, bool CACHE_ROW>
-__global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_fused_rows(const T* x, const L* label, const T* softmax_in,
-                               const typename sce::Acc<T>::type* lse_in,
-                               const typename sce::Acc<T>::type* loss_grad, T* loss_out,
-                               typename sce::Acc<T>::type* lse_out, T* softmax_out, T* grad_out,
-                               long long n_rows, long long K, long long inner,
-                               long long ignore_index, int group_size,
-                               unsigned long long* bad_row) {
+// Warp partials (group_allreduce) and, at index 32, the slot a CTA shows the rest of its cluster
+// (cluster_allreduce); the row cache starts after them.  _cupy_backend.STATE_SLOTS matches.
+#define SCE_STATE_SLOTS 33
+
+#define SCE_FUSED_PARAMS                                                                          \
+    const T *x, const L *label, const T *softmax_in, const typename sce::Acc<T>::type *lse_in,    \
+        const typename sce::Acc<T>::type *loss_grad, T *loss_out, typename sce::Acc<T>::type *lse_out, \
+        T *softmax_out, T *grad_out, long long n_rows, long long K, long long inner,              \
+        long long ignore_index, int group_size, unsigned long long *bad_row
+#define SCE_FUSED_ARGS                                                                            \
+    x, label, softmax_in, lse_in, loss_grad, loss_out, lse_out, softmax_out, grad_out, n_rows, K, \
+        inner, ignore_index, group_size, bad_row
+
+namespace sce {
+
+// The body of both fused kernels.  CLUSTER > 1 (cupy_sce_fused_cluster): a row is split over the
+// CLUSTER CTAs of a thread block cluster (one row per cluster, group_size == blockDim.x), each
+// CTA keeps its segment of the row in its shared memory (CACHE_ROW), and the CTAs merge their
+// row states through distributed shared memory: one read of the row from global memory even
+// when it is larger than one CTA's shared memory.
+template <typename T, typename L, int VEC, bool CACHE_ROW, int CLUSTER>
+__device__ __forceinline__ void fused_rows(SCE_FUSED_PARAMS) {
     typedef typename sce::Acc<T>::type A;
+    // chunks a thread loads before it uses the first (16-byte loads in flight per thread);
+    // double keeps two, so that its registers fit under the launch bound without spilling
+    constexpr int UNROLL = SCE_UNROLL > 0 ? SCE_UNROLL : (sizeof(A) == 8 ? 2 : 4);
     const bool soft = sce::IsSoftLabel<L>::value && label != nullptr;
     const int lane = threadIdx.x % group_size;
-    const long long row = (long long)blockIdx.x * (blockDim.x / group_size) + threadIdx.x / group_size;
+    const long long row = CLUSTER > 1 ? (long long)(blockIdx.x / CLUSTER)
+                                      : (long long)blockIdx.x * (blockDim.x / group_size) + threadIdx.x / group_size;
     const bool active = row < n_rows;  // inactive threads still join every reduction
     const long long base = active ? sce::row_base(row, K, inner) : 0;
     const long long n_vec = K / VEC;   // vector chunks per row; chunk j starts at class j * VEC
+    const long long vec_stride = VEC * inner;  // elements from chunk j to chunk j + 1
+    // this CTA's chunks of the row: [seg_begin, seg_end); the whole row without a cluster.  The
+    // cluster's CTAs are consecutive blocks, rank = blockIdx.x % CLUSTER (cluster dims (C, 1, 1)).
+    const unsigned rank = CLUSTER > 1 ? blockIdx.x % CLUSTER : 0;
+    const long long seg_chunks = (n_vec + CLUSTER - 1) / CLUSTER;
+    const long long seg_begin = rank * seg_chunks < n_vec ? rank * seg_chunks : n_vec;
+    const long long seg_end = seg_begin + seg_chunks < n_vec ? seg_begin + seg_chunks : n_vec;
     const A zero = A(0);
 
-    sce::RowState<A>* const partials = sce_dynamic_smem<sce::RowState<A> >();
-    // this group's row in shared memory (CACHE_ROW only; the host sized it, 16-byte aligned)
-    sce::Vec<T, VEC>* const row_cache =
-        CACHE_ROW ? reinterpret_cast<sce::Vec<T, VEC>*>(partials + 32) + (threadIdx.x / group_size) * n_vec : nullptr;
+    RowState<A>* const partials = sce_dynamic_smem<RowState<A> >();
+    // this group's segment in shared memory (CACHE_ROW only; the host sized it, 16-byte aligned);
+    // chunk j sits at row_cache[j - seg_begin]
+    Vec<T, VEC>* const row_cache =
+        CACHE_ROW ? reinterpret_cast<Vec<T, VEC>*>(partials + SCE_STATE_SLOTS) + (threadIdx.x / group_size) * seg_chunks
+                  : nullptr;
 
     long long lab = -1;
     const int kind = active ? sce::hard_label(label, row, K, ignore_index, &lab) : sce::LABEL_VALID;
@@ -100,27 +135,60 @@ __global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_fused_rows(const T* x,
     sce::RowState<A> state = sce::row_state_init<A>();
     const bool need_lse = (softmax_in == nullptr && lse_in == nullptr);
     if (active && need_lse) {
-        for (long long j = lane; j < n_vec; j += group_size) {
-            const long long off = base + j * VEC * inner;
-            const sce::Vec<T, VEC> v = sce::load_vec<T, VEC>(x + off);
-            if (CACHE_ROW) row_cache[j] = v;
-            A chunk_max = sce::to_acc(v.v[0]);
-            for (int e = 1; e < VEC; ++e) chunk_max = sce::nan_max(chunk_max, sce::to_acc(v.v[e]));
-            sce::rebase(state, chunk_max);
-            for (int e = 0; e < VEC; ++e) sce::add_exp(state, sce::to_acc(v.v[e]));
+        const T* const x_row = x + base;
+        const long long step = (long long)group_size * UNROLL;
+        // the UNROLL chunks of the step starting at chunk j0 (those inside the segment)
+        auto load_step = [&](sce::Vec<T, VEC>* dst, long long j0) {
+            for (int u = 0; u < UNROLL; ++u) {
+                const long long j = j0 + (long long)u * group_size;
+                if (j < seg_end) dst[u] = sce::load_vec<T, VEC>(x_row + j * vec_stride);
+            }
+        };
+        // every load of a step is issued before the first use (one load at a time per thread left
+        // an H200's memory system half idle); SCE_PREFETCH also issues the next step's loads
+        // before this step's arithmetic
+        sce::Vec<T, VEC> v[UNROLL], next[UNROLL];
+        load_step(v, seg_begin + lane);
+        for (long long j0 = seg_begin + lane; j0 < seg_end; j0 += step) {
+            if (SCE_PREFETCH) load_step(next, j0 + step);
+            A step_max = -sce::inf_value(A());
+            for (int u = 0; u < UNROLL; ++u) {
+                const long long j = j0 + (long long)u * group_size;
+                if (j >= seg_end) continue;
+                if (CACHE_ROW) row_cache[j - seg_begin] = v[u];
+                for (int e = 0; e < VEC; ++e) step_max = sce::nan_max(step_max, sce::to_acc(v[u].v[e]));
+            }
+            sce::rebase(state, step_max);
+            if (state.max != -sce::inf_value(A())) {  // all -inf so far: nothing to add
+                for (int u = 0; u < UNROLL; ++u) {
+                    if (j0 + (long long)u * group_size >= seg_end) continue;
+                    for (int e = 0; e < VEC; ++e) state.sum += sce::exp_shifted(sce::to_acc(v[u].v[e]) - state.max);
+                }
+            }
+            if (SCE_PREFETCH) {
+                for (int u = 0; u < UNROLL; ++u) v[u] = next[u];
+            } else {
+                load_step(v, j0 + step);
+            }
         }
     }
     if (active && soft && (need_lse || grad_out != nullptr)) {
         // soft labels: the gradient needs sum_k label_k before its first element is written
-        for (long long j = lane; j < n_vec; j += group_size) {
+        for (long long j = seg_begin + lane; j < seg_end; j += group_size) {
             for (int e = 0; e < VEC; ++e) state.label_sum += (A)label[base + (j * VEC + e) * inner];
         }
     }
     if (active && need_lse && kind == sce::LABEL_VALID && !soft && label != nullptr) {
         // the lane that owns the label's chunk reads its logit (it alone writes it in pass 2)
-        if ((lab / VEC) % group_size == lane) state.picked = sce::to_acc(x[base + lab * inner]);
+        const long long label_chunk = lab / VEC;
+        if (label_chunk >= seg_begin && label_chunk < seg_end && (label_chunk - seg_begin) % group_size == lane) {
+            state.picked = sce::to_acc(x[base + lab * inner]);
+        }
     }
     state = sce::group_allreduce(state, sce::MergeRowState<A>(), group_size, partials);
+    if (CLUSTER > 1) {
+        state = sce::cluster_allreduce<CLUSTER>(state, sce::MergeRowState<A>(), partials + SCE_STATE_SLOTS - 1);
+    }
 
     // lse = shift + log_sum_exp, kept apart: log_sum_exp + (shift - x_k) is exact where
     // lse - x_k would first round a large lse.  An all -inf row has shift 0 and lse -inf.
@@ -134,7 +202,7 @@ __global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_fused_rows(const T* x,
     }
     const A g = (loss_grad != nullptr && active) ? loss_grad[row] : A(1);
 
-    if (active && lane == 0) {
+    if (active && lane == 0 && rank == 0) {
         if (lse_out != nullptr) lse_out[row] = shift + log_sum_exp;
         if (loss_out != nullptr && !soft) {
             A loss = log_sum_exp + (shift - state.picked);             // lse - x[label]
@@ -148,43 +216,83 @@ __global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_fused_rows(const T* x,
     const bool need_pass2 = (soft && loss_out != nullptr) || softmax_out != nullptr || grad_out != nullptr;
     A soft_loss = zero;
     if (active && need_pass2) {
-        const T* prob_src = softmax_in != nullptr ? softmax_in : x;
-        for (long long j = lane; j < n_vec; j += group_size) {
-            const long long off = base + j * VEC * inner;
-            // CACHE_ROW is only launched with pass 1 reading x, so the cache holds this chunk
-            const sce::Vec<T, VEC> v = CACHE_ROW ? row_cache[j] : sce::load_vec<T, VEC>(prob_src + off);
-            sce::Vec<T, VEC> sm, gr;
-            for (int e = 0; e < VEC; ++e) {
-                const long long k = j * VEC + e;
-                const A xv = sce::to_acc(v.v[e]);
-                const A prob = softmax_in != nullptr ? xv : sce::exp_acc((xv - shift) - log_sum_exp);
-                sm.v[e] = sce::from_acc<T>(prob);
-                A grad;
-                if (soft) {
-                    const A lk = label[base + k * inner];
-                    // a zero label adds 0 even at x_k = -inf (0 * inf would be NaN)
-                    if (lk != zero && loss_out != nullptr) soft_loss += lk * (log_sum_exp + (shift - xv));
-                    // d/dx_k sum_j l_j (lse - x_j) = softmax_k * sum_j(l_j) - l_k
-                    grad = (prob * state.label_sum - lk) * g;
-                } else if (kind == sce::LABEL_IGNORED) {
-                    grad = zero;  // selected, not multiplied: the row's logits may be NaN or inf
-                } else if (kind == sce::LABEL_BAD) {
-                    grad = sce::nan_value(A());
-                } else {
-                    // d/dx_k (lse - x_label) = softmax_k - [k == label], formed in A before the
-                    // rounding to T (float16 softmax - 1 would cancel)
-                    grad = (prob - (k == lab ? A(1) : zero)) * g;
+        const T* const src_row = (softmax_in != nullptr ? softmax_in : x) + base;
+        // several global loads in flight when pass 2 re-reads the row; from the row cache one chunk
+        // at a time (shared memory is near, and a wide unrolled body only costs registers)
+        constexpr int UNROLL2 = CACHE_ROW ? 1 : UNROLL;
+        for (long long j0 = seg_begin + lane; j0 < seg_end; j0 += (long long)group_size * UNROLL2) {
+            sce::Vec<T, VEC> v[UNROLL2];
+            for (int u = 0; u < UNROLL2; ++u) {
+                const long long j = j0 + (long long)u * group_size;
+                // CACHE_ROW is only launched with pass 1 reading x, so the cache holds this chunk
+                if (j < seg_end) {
+                    v[u] = CACHE_ROW ? row_cache[j - seg_begin] : sce::load_vec<T, VEC>(src_row + j * vec_stride);
                 }
-                gr.v[e] = sce::from_acc<T>(grad);
             }
-            if (softmax_out != nullptr) sce::store_vec<T, VEC>(softmax_out + off, sm);
-            if (grad_out != nullptr) sce::store_vec<T, VEC>(grad_out + off, gr);
+            for (int u = 0; u < UNROLL2; ++u) {
+                const long long j = j0 + (long long)u * group_size;
+                if (j >= seg_end) continue;
+                sce::Vec<T, VEC> sm, gr;
+                for (int e = 0; e < VEC; ++e) {
+                    const long long k = j * VEC + e;
+                    const A xv = sce::to_acc(v[u].v[e]);
+                    const A prob = softmax_in != nullptr ? xv : sce::exp_shifted((xv - shift) - log_sum_exp);
+                    sm.v[e] = sce::from_acc<T>(prob);
+                    A grad;
+                    if (soft) {
+                        const A lk = label[base + k * inner];
+                        // a zero label adds 0 even at x_k = -inf (0 * inf would be NaN)
+                        if (lk != zero && loss_out != nullptr) soft_loss += lk * (log_sum_exp + (shift - xv));
+                        // d/dx_k sum_j l_j (lse - x_j) = softmax_k * sum_j(l_j) - l_k
+                        grad = (prob * state.label_sum - lk) * g;
+                    } else if (kind == sce::LABEL_IGNORED) {
+                        grad = zero;  // selected, not multiplied: the row's logits may be NaN or inf
+                    } else if (kind == sce::LABEL_BAD) {
+                        grad = sce::nan_value(A());
+                    } else {
+                        // d/dx_k (lse - x_label) = softmax_k - [k == label], formed in A before the
+                        // rounding to T (float16 softmax - 1 would cancel)
+                        grad = (prob - (k == lab ? A(1) : zero)) * g;
+                    }
+                    gr.v[e] = sce::from_acc<T>(grad);
+                }
+                // in place (grad_out == x): this thread loaded chunk j above, before this store
+                if (softmax_out != nullptr) sce::store_vec<T, VEC>(softmax_out + base + j * vec_stride, sm);
+                if (grad_out != nullptr) sce::store_vec<T, VEC>(grad_out + base + j * vec_stride, gr);
+            }
         }
     }
     if (soft && loss_out != nullptr) {  // uniform over the block: every thread joins
         soft_loss = sce::group_allreduce(soft_loss, sce::SumOp<A>(), group_size, sce_dynamic_smem<A>());
-        if (active && lane == 0) loss_out[row] = sce::from_acc<T>(soft_loss);
+        if (CLUSTER > 1) {
+            soft_loss = sce::cluster_allreduce<CLUSTER>(
+                soft_loss, sce::SumOp<A>(), reinterpret_cast<A*>(partials + SCE_STATE_SLOTS - 1));
+        }
+        if (active && lane == 0 && rank == 0) loss_out[row] = sce::from_acc<T>(soft_loss);
     }
+}
+
+}  // namespace sce
+
+template <typename T, typename L, int VEC, bool CACHE_ROW>
+__global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_fused_rows(SCE_FUSED_PARAMS) {
+    sce::fused_rows<T, L, VEC, CACHE_ROW, 1>(SCE_FUSED_ARGS);
+}
+
+// ------------------------------------------------------------------------------------------
+// cupy_sce_fused_cluster: cupy_sce_fused_rows for rows whose cache does not fit one CTA's shared
+// memory.  Arguments as above; grid = n_rows * CLUSTER blocks of group_size threads; dynamic
+// shared memory SCE_STATE_SLOTS RowState<A> + ceil(K / VEC / CLUSTER) vectors (the host opts in
+// above 48 KiB).  Always CACHE_ROW; pass 1 reads x (forward and fused forward+backward).
+// Needs sm_90 (thread block clusters); the host launches it only there.
+// ------------------------------------------------------------------------------------------
+template <typename T, typename L, int VEC, int CLUSTER>
+__global__ void __launch_bounds__(SCE_MAX_BLOCK) SCE_CLUSTER_DIMS(CLUSTER) cupy_sce_fused_cluster(SCE_FUSED_PARAMS) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    __trap();  // no clusters before sm_90 (compiled so that one module serves every device)
+#else
+    sce::fused_rows<T, L, VEC, true, CLUSTER>(SCE_FUSED_ARGS);
+#endif
 }
 
 // ------------------------------------------------------------------------------------------

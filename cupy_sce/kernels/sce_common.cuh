@@ -10,9 +10,26 @@
 // instantiation (a typed `extern __shared__` array per template would conflict).  At global
 // scope, so that the host harness can define the array.
 template <typename V> __device__ __forceinline__ V* sce_dynamic_smem() {
+#ifdef SCE_HOST_SHIM
+    // the host harness: each CTA of a cluster has its own buffer, live at the same time
+    return reinterpret_cast<V*>(sce_host::dynamic_smem());
+#else
     extern __shared__ __align__(16) unsigned char sce_dynamic_smem_bytes[];
     return reinterpret_cast<V*>(sce_dynamic_smem_bytes);
+#endif
 }
+
+// Thread block clusters (sm_90): the compile-time cluster shape of cupy_sce_fused_cluster.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define SCE_CLUSTER_DIMS(n)
+#else
+#define SCE_CLUSTER_DIMS(n) __cluster_dims__(n, 1, 1)
+#endif
+
+// Tuning knob (scripts/tune_gpu.py): the flush-to-zero hardware exp2 for the float terms.
+#ifndef SCE_EXP2_FTZ
+#define SCE_EXP2_FTZ 0
+#endif
 
 namespace sce {
 
@@ -43,6 +60,23 @@ __device__ __forceinline__ double nan_value(double) { return __longlong_as_doubl
 
 __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
+
+// exp(d) for the per-element terms (d = x - max or x - lse, so d <= 0).  float: exp2f is one
+// multiply and the hardware ex2 (2 ulp); libm-accurate expf costs about eight instructions per
+// element, which on an H200 made the passes compute-bound.  The product d * log2(e) rounds
+// with relative error 2**-24, so the result is within about 1e-6 relative of exp(d) for the
+// terms that matter (d > -20).  double keeps exp.
+__device__ __forceinline__ float exp_shifted(float d) {
+#if defined(__CUDA_ARCH__) && SCE_EXP2_FTZ
+    // flush-to-zero form: skips exp2f's subnormal fix-up; results below 2**-126 become 0
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d * 1.4426950408889634f));
+    return r;
+#else
+    return exp2f(d * 1.4426950408889634f);
+#endif
+}
+__device__ __forceinline__ double exp_shifted(double d) { return exp(d); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
 __device__ __forceinline__ double log_acc(double v) { return log(v); }
 
@@ -50,6 +84,14 @@ __device__ __forceinline__ double log_acc(double v) { return log(v); }
 template <typename A> __device__ __forceinline__ A nan_max(A a, A b) {
     return (a > b || a != a) ? a : b;
 }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// sm_80+: one instruction instead of two compares and a select (it is in every element's path)
+template <> __device__ __forceinline__ float nan_max<float>(float a, float b) {
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+#endif
 
 // ---------------------------------------------------------------- row addressing
 
@@ -95,8 +137,8 @@ template <typename A> __device__ __forceinline__ RowState<A> row_state_init() {
     return s;
 }
 
-// Fold a chunk whose max is chunk_max: rescale the running sum once per chunk (not once per
-// element), so the loop costs one exp per element.
+// Fold a step of chunks whose max is chunk_max: rescale the running sum once per step (not once
+// per element), so the loop costs one exp per element.
 template <typename A> __device__ __forceinline__ A rebase(RowState<A>& s, A chunk_max) {
     A new_max = nan_max(s.max, chunk_max);
     if (new_max != s.max) {
@@ -105,11 +147,6 @@ template <typename A> __device__ __forceinline__ A rebase(RowState<A>& s, A chun
         s.max = new_max;
     }
     return new_max;
-}
-
-// exp(x - max) for one element after rebase(); an all -inf row adds nothing (never -inf - -inf).
-template <typename A> __device__ __forceinline__ void add_exp(RowState<A>& s, A x) {
-    if (s.max != -inf_value(A())) s.sum += exp_acc(x - s.max);
 }
 
 template <typename A> struct MergeRowState {
@@ -166,13 +203,57 @@ __device__ __forceinline__ V group_allreduce(V v, Op op, int group_size, V* warp
     }
     if (group_size > 32) {
         const int warp = threadIdx.x / 32;
+        const int n_warps = group_size / 32;  // a power of two, 2 .. 32
         if (threadIdx.x % 32 == 0) warp_partials[warp] = v;
         __syncthreads();
-        v = warp_partials[0];
-        for (int w = 1; w < group_size / 32; ++w) v = op(v, warp_partials[w]);
+        // every warp reduces the partials itself, lane l holding partial l % n_warps: a butterfly
+        // over n_warps lanes (log2 steps) instead of a serial merge of n_warps values per thread
+        v = warp_partials[threadIdx.x % n_warps];
+        for (int lane_mask = n_warps / 2; lane_mask > 0; lane_mask /= 2) {
+            v = op(v, shfl_xor(v, lane_mask));
+        }
         __syncthreads();  // warp_partials is reused by the next reduction
     }
     return v;
+}
+
+// ---------------------------------------------------------------- thread block clusters
+
+// Barrier over every thread of every CTA of the cluster, ordering shared-memory writes before it
+// against distributed-shared-memory reads after it.
+__device__ __forceinline__ void cluster_sync() {
+#ifdef SCE_HOST_SHIM
+    sce_host::barrier_cluster();
+#elif __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+// The address of *p (this CTA's shared memory) in the shared memory of the cluster's CTA `rank`.
+template <typename V> __device__ __forceinline__ V* map_shared_rank(V* p, unsigned rank) {
+#ifdef SCE_HOST_SHIM
+    return static_cast<V*>(sce_host::map_shared_rank(p, rank));
+#elif __CUDA_ARCH__ >= 900
+    unsigned long long mapped;
+    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(mapped) : "l"(p), "r"(rank));
+    return reinterpret_cast<V*>(mapped);
+#else
+    return p;
+#endif
+}
+
+// All-reduce of a value every thread of each CTA already holds (after group_allreduce over the
+// block) across the CLUSTER CTAs: each CTA shows its value in `slot` (its own shared memory),
+// and every thread merges all of them in rank order, so every CTA gets bit-identical results.
+// Every thread of every CTA must call it.
+template <int CLUSTER, typename V, typename Op>
+__device__ __forceinline__ V cluster_allreduce(V v, Op op, V* slot) {
+    if (threadIdx.x == 0) *slot = v;
+    cluster_sync();  // every CTA's slot is written
+    V r = *map_shared_rank(slot, 0);
+    for (unsigned c = 1; c < CLUSTER; ++c) r = op(r, *map_shared_rank(slot, c));
+    cluster_sync();  // every slot is read before it is reused or its CTA exits
+    return r;
 }
 
 // ---------------------------------------------------------------- vector access

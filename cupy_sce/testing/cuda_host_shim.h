@@ -16,14 +16,22 @@
 //     outside the mask, lanes disagreeing about the mask, or a mask naming lanes that never
 //     arrive are errors;
 //   * __shared__ variables are `thread_local` (static storage shared by all fibers of a block);
-//     `extern __shared__` dynamic shared memory is the array sce_dynamic_smem_bytes, filled with
-//     0xff bytes (NaN) before each block, limited to the launch's size (48 KiB at most, as on a
-//     GPU without opt-in) and, in an AddressSanitizer build, poisoned past that size;
+//     dynamic shared memory (sce_host::dynamic_smem(), what the kernels' sce_dynamic_smem()
+//     returns under SCE_HOST_SHIM) is a heap buffer per block of exactly the launch's size,
+//     filled with 0xff bytes (NaN); more than 48 KiB needs the kernel's opt-in attribute
+//     (max_dynamic_shared_size_bytes), as on a GPU, and an AddressSanitizer build reports any
+//     access past the size;
+//   * thread block clusters (a launch with cluster > 1): the cluster's blocks run together, their
+//     warps interleaved in random order; barrier_cluster() is a barrier over all of their
+//     threads and map_shared_rank() gives a pointer into another block's dynamic shared memory;
 //   * atomics are real atomics; __half comes from CUDA's own cuda_fp16.h host code.
 //
 // It cannot show speed, the weaker orderings of the GPU memory model (a fiber's writes are
 // visible to the next fiber at once), bank conflicts or warp-synchronous code without _sync.
 #pragma once
+
+// The kernels' sources test this to reach the harness's shared memory and cluster hooks.
+#define SCE_HOST_SHIM 1
 
 #include <cuda_fp16.h>
 
@@ -41,6 +49,7 @@
 #undef __shared__
 #undef __align__
 #undef __launch_bounds__
+#undef __cluster_dims__
 #undef __restrict__
 #define __global__
 #define __device__
@@ -49,21 +58,26 @@
 #define __shared__ thread_local
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
+#define __cluster_dims__(...)
 #define __restrict__ __restrict
 
 namespace sce_host {
 
 constexpr int kWarpSize = 32;
-constexpr size_t kMaxDynamicSmem = 48 * 1024;
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;   // without opt-in
+constexpr size_t kMaxDynamicSmem = 227 * 1024;      // with opt-in (H100 / H200)
+constexpr unsigned kMaxCluster = 8;                 // the portable cluster size
 
 struct Fiber;
 struct BlockState;
 
 Fiber& this_fiber();
-BlockState& this_block();
 void fail(const std::string& message);    // records the first error and parks the fiber
 void barrier_block();
+void barrier_cluster();
 void barrier_warp(unsigned mask, const char* what);
+unsigned char* dynamic_smem();                      // this block's dynamic shared memory
+void* map_shared_rank(void* p, unsigned rank);      // the same offset in block `rank` of the cluster
 unsigned long long& warp_slot(int lane);
 int lane_id();
 
@@ -72,7 +86,7 @@ struct Fiber {
     int linear;
 };
 
-extern thread_local uint3 block_idx;
+extern thread_local uint3 block_idx;   // of the running fiber's block
 extern thread_local dim3 block_dim;
 extern thread_local dim3 grid_dim;
 
@@ -103,8 +117,6 @@ V shuffle(unsigned mask, V var, int src_lane, const char* what) {
 #define gridDim (::sce_host::grid_dim)
 #define warpSize 32
 
-// Dynamic shared memory: kernels declare `extern __shared__ unsigned char sce_dynamic_smem_bytes[]`.
-extern thread_local __attribute__((aligned(16))) unsigned char sce_dynamic_smem_bytes[];
 
 inline void __syncthreads() { sce_host::barrier_block(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { sce_host::barrier_warp(mask, "__syncwarp"); }

@@ -151,7 +151,8 @@ def load(path):
     lib.sce_harness_launch.restype = ctypes.c_int
     lib.sce_harness_launch.argtypes = [
         ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_size_t,
-        ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t), ctypes.c_int,
+        ctypes.c_size_t, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t),
+        ctypes.c_int,
         ctypes.c_ulonglong, ctypes.POINTER(ctypes.c_uint), ctypes.c_size_t, ctypes.c_char_p,
         ctypes.c_size_t]
     lib.sce_harness_kernel_name.restype = ctypes.c_char_p
@@ -181,14 +182,21 @@ def _dims(value):
     return (ctypes.c_uint * 3)(*dims)
 
 
-def launch(name, grid, block, args, shared_mem=0, seed=None, blocks=None, lib=None):
+DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory without opt-in
+OPTIN_SHARED_LIMIT = 227 * 1024   # the opt-in maximum of an H100 / H200
+
+
+def launch(name, grid, block, args, shared_mem=0, seed=None, blocks=None, lib=None,
+           max_shared=DEFAULT_SHARED_LIMIT, cluster=1):
     """Run kernel ``name`` on the CPU, like ``cupy.RawKernel(...)(grid, block, args, shared_mem=)``.
 
     ``args``: C-contiguous NumPy arrays (passed as pointers) and NumPy scalars
     (passed by value, with their own size, which must equal the parameter's).
     ``blocks``: run only these blockIdx.x values (default: the whole grid) --
     for index arithmetic at the far end of a huge grid.  ``lib``: a handle
-    from ``load()`` (default: ``library()``).
+    from ``load()`` (default: ``library()``).  ``max_shared``: the kernel's
+    ``max_dynamic_shared_size_bytes`` (the opt-in).  ``cluster``: blocks per
+    thread block cluster along x (what ``__cluster_dims__`` fixes on a GPU).
     """
     holders = []
     ptrs = (ctypes.c_void_p * max(len(args), 1))()
@@ -212,18 +220,23 @@ def launch(name, grid, block, args, shared_mem=0, seed=None, blocks=None, lib=No
     only = (ctypes.c_uint * max(len(blocks or ()), 1))(*(blocks or ()))
     error = ctypes.create_string_buffer(4096)
     status = (lib or library()).sce_harness_launch(
-        name.encode(), _dims(grid), _dims(block), int(shared_mem), ptrs, sizes, len(args), seed,
+        name.encode(), _dims(grid), _dims(block), int(shared_mem), int(max_shared), int(cluster), ptrs, sizes,
+        len(args), seed,
         only, len(blocks or ()), error, len(error))
     if status:
         raise HarnessError(error.value.decode())
 
 
 class _HarnessKernel:
+    """Stands in for ``cupy.RawKernel``: the call, and the opt-in attribute for shared memory."""
+
     def __init__(self, name):
         self.name = name
+        self.max_dynamic_shared_size_bytes = DEFAULT_SHARED_LIMIT
 
     def __call__(self, grid, block, args, shared_mem=0):
-        launch(self.name, grid, block, args, shared_mem=shared_mem)
+        launch(self.name, grid, block, args, shared_mem=shared_mem,
+               max_shared=self.max_dynamic_shared_size_bytes, cluster=_kernels.cluster_size(self.name))
 
 
 class HarnessRuntime:
@@ -232,12 +245,19 @@ class HarnessRuntime:
 
     def __init__(self):
         self.launched = []  # kernel names, in order: tests check which variant ran
+        self.kernels = {}
 
     def kernel(self, dtype, name):
         if name not in _kernels.name_expressions(dtype):
             raise HarnessError('{} is not in _kernels.name_expressions({})'.format(name, numpy.dtype(dtype)))
         self.launched.append(name)
-        return _HarnessKernel(name)
+        # one object per kernel, like RawModule.get_function: an opt-in set once stays set
+        return self.kernels.setdefault(name, _HarnessKernel(name))
+
+    @staticmethod
+    def limits():
+        """(thread block clusters available, opt-in dynamic shared memory per block): an H100's."""
+        return True, OPTIN_SHARED_LIMIT
 
     @staticmethod
     def address(array):

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <utility>
 
@@ -20,8 +21,6 @@
 #include <sanitizer/common_interface_defs.h>
 #define SCE_ASAN 1
 #endif
-
-thread_local __attribute__((aligned(16))) unsigned char sce_dynamic_smem_bytes[sce_host::kMaxDynamicSmem];
 
 namespace sce_host {
 
@@ -34,6 +33,7 @@ constexpr size_t kStackBytes = 256 * 1024;
 struct FiberImpl : Fiber {
     ucontext_t ctx;
     char* stack;
+    int block;            // index of its block in the running cluster
     bool done;
     const char* waiting;  // what the fiber is blocked on, for the deadlock report
 };
@@ -51,14 +51,24 @@ struct WarpState {
 };
 
 struct BlockState {
-    std::vector<FiberImpl> fibers;
+    uint3 idx;
     std::vector<WarpState> warps;
-    FiberImpl* current = nullptr;
-    ucontext_t scheduler;
-    int nthreads = 0;
     int exited = 0;
     int bar_arrived = 0;
     unsigned long long bar_generation = 0;
+    std::unique_ptr<unsigned char[]> smem;  // dynamic shared memory, exactly the launch's size
+};
+
+// One cluster (one block without clusters) being run: its blocks' threads are all fibers of it.
+struct RunState {
+    std::vector<BlockState> blocks;
+    std::vector<FiberImpl> fibers;
+    FiberImpl* current = nullptr;
+    ucontext_t scheduler;
+    int nthreads = 0;  // per block
+    size_t shared_mem = 0;
+    int cluster_arrived = 0;
+    unsigned long long cluster_generation = 0;
     unsigned long long events = 0;  // arrivals, releases and exits: progress, for deadlock detection
     std::string error;
     void (*invoke)(void**) = nullptr;
@@ -67,28 +77,29 @@ struct BlockState {
     size_t main_stack_size = 0;
 };
 
-thread_local BlockState* g_block = nullptr;
-thread_local std::vector<std::vector<char>> g_stacks;  // reused across blocks and launches
+thread_local RunState* g_run = nullptr;
+thread_local std::vector<std::unique_ptr<char[]>> g_stacks;  // reused; pages are touched lazily
 
-Fiber& this_fiber() { return *g_block->current; }
-BlockState& this_block() { return *g_block; }
-int lane_id() { return g_block->current->linear % kWarpSize; }
-unsigned long long& warp_slot(int lane) { return g_block->warps[g_block->current->linear / kWarpSize].slots[lane]; }
+Fiber& this_fiber() { return *g_run->current; }
+static BlockState& current_block() { return g_run->blocks[g_run->current->block]; }
+int lane_id() { return g_run->current->linear % kWarpSize; }
+unsigned long long& warp_slot(int lane) { return current_block().warps[g_run->current->linear / kWarpSize].slots[lane]; }
+unsigned char* dynamic_smem() { return current_block().smem.get(); }
 
 static void yield_to_scheduler() {
-    BlockState& b = *g_block;
+    RunState& r = *g_run;
 #ifdef SCE_ASAN
     void* fake_stack = nullptr;
-    __sanitizer_start_switch_fiber(&fake_stack, b.main_stack_bottom, b.main_stack_size);
+    __sanitizer_start_switch_fiber(&fake_stack, r.main_stack_bottom, r.main_stack_size);
 #endif
-    swapcontext(&b.current->ctx, &b.scheduler);
+    swapcontext(&r.current->ctx, &r.scheduler);
 #ifdef SCE_ASAN
     __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
 #endif
 }
 
 static std::string where() {
-    const FiberImpl& f = *g_block->current;
+    const FiberImpl& f = *g_run->current;
     char buf[160];
     std::snprintf(buf, sizeof buf, " [block (%u,%u,%u), thread (%u,%u,%u)]", block_idx.x, block_idx.y,
                   block_idx.z, f.thread_idx.x, f.thread_idx.y, f.thread_idx.z);
@@ -96,24 +107,52 @@ static std::string where() {
 }
 
 void fail(const std::string& message) {
-    BlockState& b = *g_block;
-    if (b.error.empty()) b.error = message + where();
+    RunState& r = *g_run;
+    if (r.error.empty()) r.error = message + where();
     for (;;) yield_to_scheduler();  // parked for good: the launch stops
 }
 
 void barrier_block() {
-    BlockState& b = *g_block;
+    BlockState& b = current_block();
     if (b.exited) fail("__syncthreads reached after " + std::to_string(b.exited) + " thread(s) of the block exited");
     const unsigned long long generation = b.bar_generation;
-    ++b.events;
-    if (++b.bar_arrived == b.nthreads) {
+    ++g_run->events;
+    if (++b.bar_arrived == g_run->nthreads) {
         b.bar_arrived = 0;
         ++b.bar_generation;
         return;
     }
-    b.current->waiting = "__syncthreads";
+    g_run->current->waiting = "__syncthreads";
     while (b.bar_generation == generation) yield_to_scheduler();
-    b.current->waiting = nullptr;
+    g_run->current->waiting = nullptr;
+}
+
+void barrier_cluster() {
+    RunState& r = *g_run;
+    for (const auto& b : r.blocks) {
+        if (b.exited) fail("cluster barrier reached after " + std::to_string(b.exited) + " thread(s) of a block exited");
+    }
+    const unsigned long long generation = r.cluster_generation;
+    ++r.events;
+    if (++r.cluster_arrived == r.nthreads * (int)r.blocks.size()) {
+        r.cluster_arrived = 0;
+        ++r.cluster_generation;
+        return;
+    }
+    r.current->waiting = "cluster barrier";
+    while (r.cluster_generation == generation) yield_to_scheduler();
+    r.current->waiting = nullptr;
+}
+
+void* map_shared_rank(void* p, unsigned rank) {
+    RunState& r = *g_run;
+    if (rank >= r.blocks.size()) {
+        fail("map_shared_rank: rank " + std::to_string(rank) + " in a cluster of " + std::to_string(r.blocks.size()));
+    }
+    const unsigned char* base = dynamic_smem();
+    const unsigned char* q = static_cast<unsigned char*>(p);
+    if (q < base || q >= base + r.shared_mem) fail("map_shared_rank: pointer outside this block's dynamic shared memory");
+    return r.blocks[rank].smem.get() + (q - base);
 }
 
 static WarpBarrier* find_barrier(WarpState& w, unsigned mask) {
@@ -122,9 +161,9 @@ static WarpBarrier* find_barrier(WarpState& w, unsigned mask) {
 }
 
 void barrier_warp(unsigned mask, const char* what) {
-    BlockState& b = *g_block;
-    FiberImpl& f = *b.current;
-    WarpState& w = b.warps[f.linear / kWarpSize];
+    RunState& r = *g_run;
+    FiberImpl& f = *r.current;
+    WarpState& w = current_block().warps[f.linear / kWarpSize];
     const int lane = f.linear % kWarpSize;
     if (mask & ~w.present) fail(std::string(what) + ": mask names lanes that do not exist in this warp");
     if (!(mask >> lane & 1u)) fail(std::string(what) + ": calling lane is not in the mask");
@@ -139,7 +178,7 @@ void barrier_warp(unsigned mask, const char* what) {
         bar = &w.barriers.back();
     }
     const unsigned long long generation = bar->generation;
-    ++b.events;
+    ++r.events;
     bar->arrived |= 1u << lane;
     if (bar->arrived == mask) {
         bar->arrived = 0;
@@ -152,98 +191,111 @@ void barrier_warp(unsigned mask, const char* what) {
 }
 
 static void fiber_main() {
-    BlockState& b = *g_block;
+    RunState& r = *g_run;
 #ifdef SCE_ASAN
-    __sanitizer_finish_switch_fiber(nullptr, &b.main_stack_bottom, &b.main_stack_size);
+    __sanitizer_finish_switch_fiber(nullptr, &r.main_stack_bottom, &r.main_stack_size);
 #endif
-    b.invoke(b.args);
-    b.current->done = true;
-    ++b.exited;
-    ++b.events;
+    r.invoke(r.args);
+    r.current->done = true;
+    ++r.blocks[r.current->block].exited;
+    ++r.events;
 #ifdef SCE_ASAN
-    __sanitizer_start_switch_fiber(nullptr, b.main_stack_bottom, b.main_stack_size);
+    __sanitizer_start_switch_fiber(nullptr, r.main_stack_bottom, r.main_stack_size);
 #endif
     // returning resumes uc_link: the scheduler
 }
 
-static void resume(BlockState& b, FiberImpl& f) {
-    b.current = &f;
+static void resume(RunState& r, FiberImpl& f) {
+    r.current = &f;
+    block_idx = r.blocks[f.block].idx;
 #ifdef SCE_ASAN
     void* fake_stack = nullptr;
     __sanitizer_start_switch_fiber(&fake_stack, f.stack, kStackBytes);
 #endif
-    swapcontext(&b.scheduler, &f.ctx);
+    swapcontext(&r.scheduler, &f.ctx);
 #ifdef SCE_ASAN
-    __sanitizer_finish_switch_fiber(fake_stack, &b.main_stack_bottom, &b.main_stack_size);
+    __sanitizer_finish_switch_fiber(fake_stack, &r.main_stack_bottom, &r.main_stack_size);
 #endif
 }
 
-static bool run_block(BlockState& b, std::mt19937_64& rng) {
-    const int n = b.nthreads;
-    b.fibers.assign(n, FiberImpl{});
-    b.warps.assign((n + kWarpSize - 1) / kWarpSize, WarpState{});
-    for (size_t w = 0; w < b.warps.size(); ++w) {
-        const int lanes = std::min(kWarpSize, n - (int)w * kWarpSize);
-        b.warps[w].present = lanes == kWarpSize ? 0xffffffffu : ((1u << lanes) - 1u);
+// Runs every thread of r.blocks (the blocks of one cluster) to completion.
+static bool run_cluster(RunState& r, std::mt19937_64& rng) {
+    const int n = r.nthreads, n_blocks = (int)r.blocks.size(), total = n * n_blocks;
+    const int warps_per_block = (n + kWarpSize - 1) / kWarpSize;
+    for (auto& b : r.blocks) {
+        b.warps.assign(warps_per_block, WarpState{});
+        for (int w = 0; w < warps_per_block; ++w) {
+            const int lanes = std::min(kWarpSize, n - w * kWarpSize);
+            b.warps[w].present = lanes == kWarpSize ? 0xffffffffu : ((1u << lanes) - 1u);
+        }
+        b.exited = b.bar_arrived = 0;
     }
-    b.exited = b.bar_arrived = 0;
-    while ((int)g_stacks.size() < n) g_stacks.emplace_back(kStackBytes);
-    for (int t = 0; t < n; ++t) {
-        FiberImpl& f = b.fibers[t];
+    r.fibers.assign(total, FiberImpl{});
+    while ((int)g_stacks.size() < total) g_stacks.emplace_back(new char[kStackBytes]);
+    for (int i = 0; i < total; ++i) {
+        FiberImpl& f = r.fibers[i];
+        const int t = i % n;
         f.linear = t;
+        f.block = i / n;
         f.thread_idx = make_uint3(t % block_dim.x, (t / block_dim.x) % block_dim.y, t / (block_dim.x * block_dim.y));
-        f.stack = g_stacks[t].data();
+        f.stack = g_stacks[i].get();
 #ifdef SCE_ASAN
         ASAN_UNPOISON_MEMORY_REGION(f.stack, kStackBytes);  // frames of fibers parked by an error
 #endif
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack;
         f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = &b.scheduler;
+        f.ctx.uc_link = &r.scheduler;
         makecontext(&f.ctx, fiber_main, 0);
     }
-    // Warps are independent on a GPU: one can run far ahead of another between two block
-    // barriers.  So the scheduler picks warps in a random order and runs each as far as it
-    // gets (until every lane waits at a block barrier or has exited); lanes within a warp
-    // are resumed in a random order too.  A missing barrier then lets a warp read shared
-    // memory that another warp has not written yet -- or overwrite it before that warp read it.
-    const int n_warps = (int)b.warps.size();
+    // Warps are independent on a GPU: one can run far ahead of another between two barriers, in
+    // its own block or in another block of the cluster.  So the scheduler picks warps (of all the
+    // cluster's blocks) in a random order and runs each as far as it gets (until every lane waits
+    // at a barrier or has exited); lanes within a warp are resumed in a random order too.  A
+    // missing barrier then lets a warp read shared memory that another warp has not written yet
+    // -- or overwrite it before that warp read it.
+    const int n_warps = warps_per_block * n_blocks;
     std::vector<int> warp_order(n_warps);
     for (int w = 0; w < n_warps; ++w) warp_order[w] = w;
     std::vector<int> lanes;
-    int live = n;
+    int live = total;
     while (live > 0) {
-        const unsigned long long before = b.events;
+        const unsigned long long before = r.events;
         std::shuffle(warp_order.begin(), warp_order.end(), rng);
         for (int w : warp_order) {
-            const int first = w * kWarpSize, last = std::min(n, first + kWarpSize);
+            const int block = w / warps_per_block, first = (w % warps_per_block) * kWarpSize;
+            const int last = std::min(n, first + kWarpSize);
             lanes.clear();
-            for (int t = first; t < last; ++t) lanes.push_back(t);
+            for (int t = first; t < last; ++t) lanes.push_back(block * n + t);
             for (;;) {
-                const unsigned long long warp_before = b.events;
+                const unsigned long long warp_before = r.events;
                 std::shuffle(lanes.begin(), lanes.end(), rng);
-                for (int t : lanes) {
-                    FiberImpl& f = b.fibers[t];
+                for (int i : lanes) {
+                    FiberImpl& f = r.fibers[i];
                     if (f.done) continue;
-                    resume(b, f);
-                    if (!b.error.empty()) return false;
+                    resume(r, f);
+                    if (!r.error.empty()) return false;
                     if (f.done) --live;
                 }
-                if (b.events == warp_before) break;  // every lane waits on other warps, or is done
+                if (r.events == warp_before) break;  // every lane waits on other warps, or is done
             }
         }
-        if (live > 0 && b.events == before) {
+        if (live > 0 && r.events == before) {
             std::string report = "deadlock: no thread can make progress;";
             int shown = 0;
-            for (const auto& f : b.fibers) {
+            for (const auto& f : r.fibers) {
                 if (f.done || shown >= 4) continue;
                 ++shown;
-                report += " thread " + std::to_string(f.linear) + " waits at " + (f.waiting ? f.waiting : "?") + ";";
+                report += " thread " + std::to_string(f.linear) + " of block " +
+                          std::to_string(r.blocks[f.block].idx.x) + " waits at " + (f.waiting ? f.waiting : "?") + ";";
             }
-            report += " " + std::to_string(b.exited) + " thread(s) exited";
+            int exited = 0;
+            for (const auto& b : r.blocks) exited += b.exited;
+            report += " " + std::to_string(exited) + " thread(s) exited";
             char buf[64];
-            std::snprintf(buf, sizeof buf, " [block (%u,%u,%u)]", block_idx.x, block_idx.y, block_idx.z);
-            b.error = report + buf;
+            std::snprintf(buf, sizeof buf, " [block (%u,%u,%u)]", r.blocks[0].idx.x, r.blocks[0].idx.y,
+                          r.blocks[0].idx.z);
+            r.error = report + buf;
             return false;
         }
     }
@@ -295,8 +347,9 @@ int sce_harness_is_asan() {
 // argument's bytes are the address), arg_sizes[i] is their size.  Returns 0, or 1 with a message.
 // only_blocks (n_only > 0): run just these blockIdx.x values (with y = z = 0).
 int sce_harness_launch(const char* name, const unsigned* grid, const unsigned* block, size_t shared_mem,
-                       void** args, const size_t* arg_sizes, int nargs, unsigned long long seed,
-                       const unsigned* only_blocks, size_t n_only, char* error, size_t error_len) {
+                       size_t max_shared, unsigned cluster, void** args, const size_t* arg_sizes, int nargs,
+                       unsigned long long seed, const unsigned* only_blocks, size_t n_only, char* error,
+                       size_t error_len) {
     using namespace sce_host;
     auto report = [&](const std::string& message) {
         std::snprintf(error, error_len, "%s: %s", name, message.c_str());
@@ -319,41 +372,50 @@ int sce_harness_launch(const char* name, const unsigned* grid, const unsigned* b
     if (block[2] > 64) return report("blockDim.z > 64");
     if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return report("empty grid");
     if (grid[0] > 2147483647u || grid[1] > 65535u || grid[2] > 65535u) return report("grid too large");
-    if (shared_mem > kMaxDynamicSmem) {
-        return report(std::to_string(shared_mem) + " bytes of dynamic shared memory (48 KiB without opt-in)");
+    if (max_shared > kMaxDynamicSmem) {
+        return report("max_dynamic_shared_size_bytes " + std::to_string(max_shared) + " above the device's " +
+                      std::to_string(kMaxDynamicSmem));
     }
-    BlockState b;
-    b.nthreads = (int)threads;
-    b.invoke = entry->invoke;
-    b.args = args;
+    if (shared_mem > max_shared) {
+        return report(std::to_string(shared_mem) + " bytes of dynamic shared memory, but the kernel allows " +
+                      std::to_string(max_shared) + " (48 KiB without opt-in)");
+    }
+    if (cluster == 0 || cluster > kMaxCluster || grid[0] % cluster) {
+        return report("cluster of " + std::to_string(cluster) + " blocks for a grid of " + std::to_string(grid[0]));
+    }
+    RunState r;
+    r.nthreads = (int)threads;
+    r.shared_mem = shared_mem;
+    r.invoke = entry->invoke;
+    r.args = args;
+    r.blocks.resize(cluster);
+    for (auto& b : r.blocks) b.smem.reset(new unsigned char[shared_mem]);
     block_dim = dim3(block[0], block[1], block[2]);
     grid_dim = dim3(grid[0], grid[1], grid[2]);
-    g_block = &b;
-#ifdef SCE_ASAN
-    ASAN_POISON_MEMORY_REGION(sce_dynamic_smem_bytes + shared_mem, kMaxDynamicSmem - shared_mem);
-#endif
+    g_run = &r;
     int status = 0;
-    auto run_one = [&](unsigned x, unsigned y, unsigned z) {
-        block_idx = make_uint3(x, y, z);
-        std::mt19937_64 rng(seed ^ (0x9e3779b97f4a7c15ull * (1 + x + 65536ull * (y + 65536ull * z))));
-        std::memset(sce_dynamic_smem_bytes, 0xff, shared_mem);  // unwritten shared memory reads as NaN
-        if (!run_block(b, rng)) status = report(b.error);
+    auto run_one = [&](unsigned first_x, unsigned y, unsigned z) {  // the cluster of blocks first_x, ...
+        for (unsigned c = 0; c < cluster; ++c) {
+            r.blocks[c].idx = make_uint3(first_x + c, y, z);
+            std::memset(r.blocks[c].smem.get(), 0xff, shared_mem);  // unwritten shared memory reads as NaN
+        }
+        r.cluster_arrived = 0;
+        r.error.clear();
+        std::mt19937_64 rng(seed ^ (0x9e3779b97f4a7c15ull * (1 + first_x + 65536ull * (y + 65536ull * z))));
+        if (!run_cluster(r, rng)) status = report(r.error);
     };
     if (n_only > 0) {
         for (size_t i = 0; i < n_only && !status; ++i) {
             if (only_blocks[i] >= grid[0]) status = report("requested block outside the grid");
-            else run_one(only_blocks[i], 0, 0);
+            else run_one(only_blocks[i] - only_blocks[i] % cluster, 0, 0);
         }
     }
     for (unsigned z = 0; z < grid[2] && !status && n_only == 0; ++z) {
         for (unsigned y = 0; y < grid[1] && !status; ++y) {
-            for (unsigned x = 0; x < grid[0] && !status; ++x) run_one(x, y, z);
+            for (unsigned x = 0; x < grid[0] && !status; x += cluster) run_one(x, y, z);
         }
     }
-#ifdef SCE_ASAN
-    ASAN_UNPOISON_MEMORY_REGION(sce_dynamic_smem_bytes, kMaxDynamicSmem);
-#endif
-    g_block = nullptr;
+    g_run = nullptr;
     return status;
 }
 

@@ -1,6 +1,8 @@
 // Kernels that exercise the host harness's CUDA built-ins (tests/test_harness.py).
 #include <cuda_fp16.h>
 
+#include "../../cupy_sce/kernels/sce_common.cuh"  // sce_dynamic_smem, cluster_sync, map_shared_rank
+
 // Per thread, 6 results: xor 1, down 1 within width 8, up 2, broadcast of lane 3,
 // a partial-mask (lower half) shfl_down, and a double shuffled by xor 16.
 __global__ void selftest_shuffles(int* out, double* out_double) {
@@ -36,8 +38,7 @@ __global__ void selftest_block_sum(const float* x, float* out, int* counter) {
 
 // Dynamic shared memory: reverse each block.
 __global__ void selftest_dynamic_reverse(const double* x, double* out) {
-    extern __shared__ __align__(16) unsigned char sce_dynamic_smem_bytes[];
-    double* s = reinterpret_cast<double*>(sce_dynamic_smem_bytes);
+    double* s = sce_dynamic_smem<double>();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     s[threadIdx.x] = x[i];
     __syncthreads();
@@ -46,8 +47,7 @@ __global__ void selftest_dynamic_reverse(const double* x, double* out) {
 
 // Reads one element past the dynamic shared memory it was given (ASan must report it).
 __global__ void selftest_dynamic_overrun(double* out) {
-    extern __shared__ __align__(16) unsigned char sce_dynamic_smem_bytes[];
-    double* s = reinterpret_cast<double*>(sce_dynamic_smem_bytes);
+    double* s = sce_dynamic_smem<double>();
     s[threadIdx.x] = threadIdx.x;
     __syncthreads();
     out[threadIdx.x] = s[threadIdx.x + 1];
@@ -78,4 +78,27 @@ __global__ void selftest_exited_lane_shuffle(int* out) {
 
 __global__ void selftest_lane_outside_mask(int* out) {
     out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, (int)threadIdx.x, 1);
+}
+
+// Thread block clusters: every block writes its blockIdx into its shared memory; after a cluster
+// barrier each thread reads the value of the next block of its cluster through map_shared_rank.
+// BARRIER=false leaves the first barrier out: a block may then read its neighbour's shared
+// memory before the neighbour wrote it (NaN bytes), or after it exited.
+template <bool BARRIER>
+__global__ void selftest_cluster_ring(const int cluster, float* out) {
+    float* s = sce_dynamic_smem<float>();
+    if (threadIdx.x == 0) s[0] = (float)blockIdx.x;
+    if (BARRIER) sce::cluster_sync();
+    const unsigned rank = blockIdx.x % cluster;
+    out[blockIdx.x * blockDim.x + threadIdx.x] = *sce::map_shared_rank(s, (rank + 1) % cluster);
+    sce::cluster_sync();  // no block exits while another may still read its shared memory
+}
+
+// A cluster barrier that one thread skips: the rest wait forever (a deadlock report).
+__global__ void selftest_cluster_divergent_barrier(int* out) {
+    if (blockIdx.x == 1 && threadIdx.x == 5) {
+        out[0] = 1;
+        return;
+    }
+    sce::cluster_sync();
 }

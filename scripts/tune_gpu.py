@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Time kernel variants on a GPU: the tuning knobs of kernels/sce.cu and the launch geometry.
+
+    python scripts/tune_gpu.py [--repeat N] [--rounds N] [--out DIR]
+
+Each variant compiles the kernels with its own ``-D`` options (SCE_UNROLL, SCE_PREFETCH,
+SCE_EXP2_FTZ) and may replace launch parameters of ``_cupy_backend``; it runs through the real
+``CupyBackend`` host logic, its results are checked against the default variant's, and the
+forward and fused forward+backward times are printed per case as ms and fraction of peak
+bandwidth (the byte model of bench.py).  The defaults in sce.cu / _cupy_backend.py are what a
+run of this picked.
+"""
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+
+import numpy
+
+import cupy_sce
+from cupy_sce import _cupy_backend, _kernels
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (the byte model, inputs and timers are the benchmark's)
+
+# (name, extra NVRTC options, {(object, attribute): value} replaced while the variant runs)
+VARIANTS = [
+    ('default', (), {}),
+    ('clusters', (), {(_cupy_backend, 'USE_CLUSTERS'): True}),
+    ('prefetch', ('-DSCE_PREFETCH=1',), {}),
+    ('exp2 ftz', ('-DSCE_EXP2_FTZ=1',), {}),
+    ('prefetch+exp2 ftz', ('-DSCE_PREFETCH=1', '-DSCE_EXP2_FTZ=1'), {}),
+]
+CASES = [('8192x128256', (8192, 128256), numpy.float32), ('8192x128256', (8192, 128256), numpy.float16),
+         ('4096x32000', (4096, 32000), numpy.float32), ('65536x1000', (65536, 1000), numpy.float32),
+         ('1048576x10', (1048576, 10), numpy.float32)]
+OPS = ('forward', 'forward+backward')
+
+
+class VariantRuntime(_cupy_backend.CupyRuntime):
+    """CupyRuntime whose kernels are compiled with extra options."""
+
+    def __init__(self, options):
+        super().__init__()
+        self.options = tuple(options)
+        self.modules = {}
+
+    def kernel(self, dtype, name):
+        dtype = numpy.dtype(dtype)
+        if dtype not in self.modules:
+            self.modules[dtype] = self.xp.RawModule(
+                code=_kernels.read_source(), options=_kernels.nvrtc_options() + self.options,
+                name_expressions=_kernels.name_expressions(dtype))
+        return self.modules[dtype].get_function(name)
+
+
+@contextlib.contextmanager
+def variant(runtime, overrides):
+    saved = {key: getattr(*key) for key in overrides}
+    for (obj, attr), value in overrides.items():
+        setattr(obj, attr, value)
+    try:
+        with cupy_sce._api.use_backend(_cupy_backend.CupyBackend(runtime)):
+            yield
+    finally:
+        for (obj, attr), value in saved.items():
+            setattr(obj, attr, value)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--repeat', type=int, default=5, help='timed calls per round (median)')
+    parser.add_argument('--rounds', type=int, default=5,
+                        help='rounds over all variants; a variant\'s time is its median round, so that '
+                             'drift of the card (clocks, temperature) hits every variant alike')
+    parser.add_argument('--out', default='bench_out')
+    args = parser.parse_args(argv)
+    import cupy
+    peak = bench.peak_bandwidth_gbs()
+    name = cupy.cuda.runtime.getDeviceProperties(0)['name']
+    print('# {}, peak {:.0f} GB/s; median of {} rounds x median of {} calls'.format(
+        name.decode() if isinstance(name, bytes) else name, peak, args.rounds, args.repeat))
+    runtimes = {vname: VariantRuntime(options) for vname, options, _ in VARIANTS}
+    lines, mismatches = [], []
+    for case, shape, dtype in CASES:
+        x, label = bench.make_inputs(cupy, shape, -1, dtype)
+        reference = None
+        for vname, _, overrides in VARIANTS:  # each variant computes what the default computes
+            with variant(runtimes[vname], overrides):
+                loss, grad = cupy_sce.forward_backward(x, label)
+            if reference is None:
+                reference = (loss, grad)
+                continue
+            tol = 2e-3 if dtype == numpy.float16 else 2e-6
+            err = max(float(abs(a.astype(numpy.float32) - b.astype(numpy.float32)).max())
+                      for a, b in zip((loss, grad), reference))
+            if not err <= tol:
+                mismatches.append('{} {} {}: max abs diff {:.2e}'.format(
+                    vname, case, numpy.dtype(dtype).name, err))
+        del reference, loss, grad
+        times = {}
+        for _ in range(args.rounds):
+            for vname, _, overrides in VARIANTS:
+                with variant(runtimes[vname], overrides):
+                    for op in OPS:
+                        t = bench.time_gpu(bench.ours(op, x, label, -1), args.repeat)[0]
+                        times.setdefault((vname, op), []).append(t)
+        for vname, _, _ in VARIANTS:
+            cells = []
+            for op in OPS:
+                t = statistics.median(times[(vname, op)])
+                spread = (max(times[(vname, op)]) - min(times[(vname, op)])) / t
+                frac = bench.bytes_moved(op, shape, -1, numpy.dtype(dtype).itemsize) / t / 1e9 / peak
+                cells.append('{} {:7.3f} ms {:5.1%} (rounds +-{:.0%})'.format(op, t * 1e3, frac, spread / 2))
+            line = '{:<12} {:<8} {:<18} {}'.format(case, numpy.dtype(dtype).name, vname, ' | '.join(cells))
+            print(line, flush=True)
+            lines.append(line)
+        del x, label
+        bench.free_device_memory()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'tune_gpu.txt'), 'w') as f:
+        f.write('\n'.join(lines + mismatches) + '\n')
+    for m in mismatches:
+        print('# MISMATCH', m)
+    return 1 if mismatches else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
