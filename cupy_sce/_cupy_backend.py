@@ -25,6 +25,10 @@ from cupy_sce import _kernels
 #                    with another's loads.
 GROUP_TABLE = ((512, None), (1024, 32), (float('inf'), 256))
 CHUNKS_PER_THREAD = 16
+# Strided rows (inner > 1): 32 rows per block, one per lane, and up to COLUMN_SLICES warps that
+# split the classes (about CHUNKS_PER_THREAD classes a thread at least); with one slice, a thread
+# per row.  One thread per row left a (64, 1000, 256) axis=1 problem with 16384 threads in all.
+COLUMN_SLICES = 8
 # Block size when several rows share a block (group size <= 32), and for the strided layout.
 ROWS_BLOCK = 256
 # Dynamic shared memory a launch may use without opting in (cudaFuncAttributeMaxDynamicShared...):
@@ -76,17 +80,31 @@ class CupyRuntime:
         return found
 
 
+def _next_pow2(n):
+    return 1 << (max(1, n) - 1).bit_length()
+
+
 def group_size_for(K, inner, vec):
-    """Threads per row for rows of K classes, ``inner`` apart, read ``vec`` at a time."""
+    """Threads per row for rows of K classes, ``inner`` apart, read ``vec`` at a time (strided
+    rows: the warps that split a row's classes)."""
     if inner != 1:
-        return 1  # a thread per row: neighbouring threads read neighbouring addresses
+        return min(COLUMN_SLICES, _next_pow2(-(-K // CHUNKS_PER_THREAD)))
     chunks = max(1, -(-K // vec))
     for limit, group in GROUP_TABLE:
         if chunks <= limit:
-            if group is None:
-                group = 1 << (-(-chunks // CHUNKS_PER_THREAD) - 1).bit_length()
-            return group
+            return group if group is not None else _next_pow2(-(-chunks // CHUNKS_PER_THREAD))
     raise AssertionError('unreachable')
+
+
+def launch_geometry(n_rows, inner, group, cluster=1):
+    """(grid, block) of a launch over n_rows rows with ``group`` threads per row (see
+    group_size_for; with a cluster, a row per cluster of ``cluster`` blocks of ``group``)."""
+    if cluster > 1:
+        return n_rows * cluster, group
+    if inner != 1 and group > 1:  # columns: 32 rows per block
+        return -(-n_rows // 32), 32 * group
+    block = group if group > 32 else ROWS_BLOCK
+    return -(-n_rows // (block // group)), block
 
 
 class CupyBackend:
@@ -108,18 +126,17 @@ class CupyBackend:
         return vec
 
     @staticmethod
-    def _block(group):
-        return group if group > 32 else ROWS_BLOCK
-
-    @classmethod
-    def _shared_mem(cls, p, group, cache_row=False, cluster=1, vec=1):
-        """Warp partials of the block reduction (RowState<A> is 4 values of A), and the row cache:
-        the block's rows, or with a cluster this CTA's segment of ceil(K / vec / cluster) vectors."""
+    def _shared_mem(p, group, cache_row=False, cluster=1, vec=1):
+        """Partials of the block reduction (RowState<A> is 4 values of A), and the row cache: the
+        block's rows, or with a cluster this CTA's segment of ceil(K / vec / cluster) vectors."""
         state_bytes = 4 * p.acc_dtype.itemsize
         if cluster > 1:
             return STATE_SLOTS * state_bytes + -(-(p.K // vec) // cluster) * vec * p.dtype.itemsize
+        if p.inner != 1 and group > 1:  # columns: a partial per thread
+            return 32 * group * state_bytes
         if cache_row:
-            return STATE_SLOTS * state_bytes + (cls._block(group) // group) * p.K * p.dtype.itemsize
+            block = launch_geometry(1, 1, group)[1]
+            return STATE_SLOTS * state_bytes + (block // group) * p.K * p.dtype.itemsize
         return (group // 32) * state_bytes if group > 32 else 0
 
     def _cluster_size(self, p, vec):
@@ -141,8 +158,7 @@ class CupyBackend:
         n_rows = p.outer * p.inner
         if n_rows == 0:
             return
-        block = self._block(group)
-        grid = n_rows * cluster if cluster > 1 else -(-n_rows // (block // group))
+        grid, block = launch_geometry(n_rows, p.inner, group, cluster)
         if shared_mem is None:
             shared_mem = self._shared_mem(p, group)
         kernel = self.runtime.kernel(p.dtype, name)
@@ -203,7 +219,8 @@ class CupyBackend:
     def row_max(self, p):
         out = self.xp.empty((p.outer, p.inner), p.acc_dtype)
         vec = self._vec(p, p.x)
-        group = group_size_for(p.K, p.inner, vec)
+        # cupy_sce_row_max has no column layout: a thread per strided row
+        group = group_size_for(p.K, p.inner, vec) if p.inner == 1 else 1
         args = (p.x, out, numpy.int64(p.outer * p.inner), numpy.int64(p.K), numpy.int64(p.inner),
                 numpy.int32(group))
         self._launch(p, _kernels.row_max_name(p.dtype, vec), args, group)

@@ -88,7 +88,7 @@ def test_instantiation_list():
 # ---------------------------------------------------------------- geometry table
 
 @pytest.mark.parametrize('K,inner,vec,group', [
-    (7, 3, 1, 1), (5000, 2, 1, 1),            # strided: a thread per row
+    (7, 3, 1, 1), (40, 3, 1, 4), (5000, 2, 1, 8),  # strided: warps that split the classes ("columns")
     (1, 1, 1, 1), (2, 1, 1, 1), (10, 1, 1, 1), (64, 1, 4, 1),  # <= 16 chunks: a thread per row
     (17, 1, 1, 2), (128, 1, 4, 2), (33, 1, 1, 4), (1000, 1, 4, 16), (2048, 1, 4, 32),
     (4096, 1, 4, 32), (1025, 1, 1, 256), (32000, 1, 4, 256),
@@ -99,9 +99,10 @@ def test_group_size_table(K, inner, vec, group):
 
 # ---------------------------------------------------------------- every variant on the harness
 
-VARIANT_CASES = [  # (shape, axis): thread, sub-warp, warp, block of 256 / 1024 per row, strided, K == 1
+VARIANT_CASES = [  # (shape, axis): thread, sub-warp, warp, block of 256 per row, strided, K == 1
     ((5, 64), -1), ((4, 63), -1), ((9, 8), -1), ((3, 7, 5), 1), ((2, 4097), -1), ((2, 9001), -1),
-    ((2, 33000), -1), ((6, 1), -1), ((1, 31), 0), ((3, 100), -1), ((2, 2000), -1)]
+    ((2, 33000), -1), ((6, 1), -1), ((1, 31), 0), ((3, 100), -1), ((2, 2000), -1),
+    ((2, 100, 40), 1), ((3, 40, 33), 1)]  # columns: 8 and 4 warps per 32 strided rows
 
 
 @needs_harness
@@ -275,9 +276,9 @@ def check(dtype, outer, K, inner, block_rows):
     n_rows = outer * inner
     vec = _kernels.vector_width(dtype) if inner == 1 and K % _kernels.vector_width(dtype) == 0 else 1
     group = _cupy_backend.group_size_for(K, inner, vec)
-    block = group if group > 32 else _cupy_backend.ROWS_BLOCK
-    rows_per_block = block // group
-    grid = -(-n_rows // rows_per_block)
+    grid, block = _cupy_backend.launch_geometry(n_rows, inner, group)
+    columns = inner != 1 and group > 1
+    rows_per_block = 32 if columns else block // group
     assert outer * K * inner > 2 ** 31
     x = sparse(outer * K * inner, dtype)
     label = numpy.zeros(n_rows, numpy.int64)
@@ -297,7 +298,7 @@ def check(dtype, outer, K, inner, block_rows):
     null = numpy.uint64(0)
     args = (x, label, null, null, null, loss, lse, null, grad, numpy.int64(n_rows), numpy.int64(K),
             numpy.int64(inner), numpy.int64(-100), numpy.int32(group), bad)
-    shared = (group // 32) * 16 if group > 32 else 0
+    shared = 32 * group * 16 if columns else ((group // 32) * 16 if group > 32 else 0)
     harness.launch(_kernels.fused_name(dtype, 'long long', vec, False), grid, block, args, shared_mem=shared,
                    blocks=blocks)
     assert int(bad[0]) == rows[-1], (int(bad[0]), rows[-1])
@@ -315,6 +316,7 @@ def check(dtype, outer, K, inner, block_rows):
 
 check(numpy.float32, 8200, 262144, 1, 1)       # contiguous rows: row * K > 2**31 (block per row)
 check(numpy.float16, 2, 3, 2 ** 30 + 7, 256)   # strided: (row / inner) * K * inner + k * inner > 2**31
+check(numpy.float16, 2, 40, 2 ** 26 + 3, 32)   # strided with 4 warps per 32 rows (columns)
 check(numpy.float16, 70000, 32768, 1, 1)       # 2**31 < row * K < 2**32: caught if unsigned 32-bit
 '''
 
@@ -324,4 +326,4 @@ def test_64bit_offsets_on_huge_sparse_buffers():
     result = subprocess.run([sys.executable, '-c', OFFSET_SCRIPT], capture_output=True, text=True,
                             cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count('ok ') == 3, result.stdout
+    assert result.stdout.count('ok ') == 4, result.stdout

@@ -9,7 +9,10 @@
 //                                  neighbouring addresses, so the strided axis is coalesced;
 //   * 2 .. 32                    : part of a warp / a warp per row (small and medium K);
 //   * == blockDim.x (64 .. 1024) : a block per row (large K), warp partials in dynamic shared
-//                                  memory (group_size / 32 entries of the reduced type).
+//                                  memory (group_size / 32 entries of the reduced type);
+//   * inner > 1, group_size > 1  : "columns": 32 rows per block, one per lane, the block's
+//                                  group_size warps split the classes; partials in dynamic
+//                                  shared memory (32 * group_size entries).
 // VEC > 1 (16-byte vectors) is only launched when inner == 1, K % VEC == 0 and every T
 // pointer is 16-byte aligned.
 //
@@ -105,8 +108,14 @@ __device__ __forceinline__ void fused_rows(SCE_FUSED_PARAMS) {
     // double keeps two, so that its registers fit under the launch bound without spilling
     constexpr int UNROLL = SCE_UNROLL > 0 ? SCE_UNROLL : (sizeof(A) == 8 ? 2 : 4);
     const bool soft = sce::IsSoftLabel<L>::value && label != nullptr;
-    const int lane = threadIdx.x % group_size;
+    // Strided rows (inner > 1) with group_size > 1: "columns".  A block holds 32 consecutive rows,
+    // one per lane, and its group_size warps split the classes (warp w reads classes w, w + S, ...
+    // of all 32 rows: neighbouring lanes read neighbouring addresses).  Otherwise group_size
+    // consecutive threads share a row.
+    const bool columns = inner > 1 && group_size > 1;
+    const int lane = columns ? threadIdx.x / 32 : threadIdx.x % group_size;
     const long long row = CLUSTER > 1 ? (long long)(blockIdx.x / CLUSTER)
+                          : columns   ? (long long)blockIdx.x * 32 + threadIdx.x % 32
                                       : (long long)blockIdx.x * (blockDim.x / group_size) + threadIdx.x / group_size;
     const bool active = row < n_rows;  // inactive threads still join every reduction
     const long long base = active ? sce::row_base(row, K, inner) : 0;
@@ -185,7 +194,7 @@ __device__ __forceinline__ void fused_rows(SCE_FUSED_PARAMS) {
             state.picked = sce::to_acc(x[base + lab * inner]);
         }
     }
-    state = sce::group_allreduce(state, sce::MergeRowState<A>(), group_size, partials);
+    state = sce::row_allreduce(state, sce::MergeRowState<A>(), group_size, columns, partials);
     if (CLUSTER > 1) {
         state = sce::cluster_allreduce<CLUSTER>(state, sce::MergeRowState<A>(), partials + SCE_STATE_SLOTS - 1);
     }
@@ -263,7 +272,7 @@ __device__ __forceinline__ void fused_rows(SCE_FUSED_PARAMS) {
         }
     }
     if (soft && loss_out != nullptr) {  // uniform over the block: every thread joins
-        soft_loss = sce::group_allreduce(soft_loss, sce::SumOp<A>(), group_size, sce_dynamic_smem<A>());
+        soft_loss = sce::row_allreduce(soft_loss, sce::SumOp<A>(), group_size, columns, sce_dynamic_smem<A>());
         if (CLUSTER > 1) {
             soft_loss = sce::cluster_allreduce<CLUSTER>(
                 soft_loss, sce::SumOp<A>(), reinterpret_cast<A*>(partials + SCE_STATE_SLOTS - 1));

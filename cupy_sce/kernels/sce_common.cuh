@@ -256,6 +256,26 @@ __device__ __forceinline__ V cluster_allreduce(V v, Op op, V* slot) {
     return r;
 }
 
+// Rows across warps ("columns", the strided layout): thread t holds the partial of the block's
+// row t % 32 from warp t / 32, which read every `slices`-th class of it.  The partials meet in
+// shared memory (slices * 32 entries) and are merged in warp order, so every thread of a row gets
+// bit-identical results.  The whole block must call.
+template <typename V, typename Op>
+__device__ __forceinline__ V column_allreduce(V v, Op op, int slices, V* partials) {
+    partials[threadIdx.x] = v;
+    __syncthreads();
+    const int column = threadIdx.x % 32;
+    v = partials[column];
+    for (int s = 1; s < slices; ++s) v = op(v, partials[s * 32 + column]);
+    __syncthreads();  // partials is reused by the next reduction
+    return v;
+}
+
+template <typename V, typename Op>
+__device__ __forceinline__ V row_allreduce(V v, Op op, int group_size, bool columns, V* partials) {
+    return columns ? column_allreduce(v, op, group_size, partials) : group_allreduce(v, op, group_size, partials);
+}
+
 // ---------------------------------------------------------------- vector access
 
 // VEC consecutive elements, loaded and stored as one 16-byte transaction when VEC * sizeof(T) == 16.
