@@ -39,11 +39,12 @@ STATE_SLOTS = 33  # RowState<A> slots ahead of the row cache (SCE_STATE_SLOTS in
 # a thread block cluster (sm_90) of the smallest size whose per-CTA segment fits
 # CLUSTER_SEGMENT_LIMIT (three such CTAs share an SM's 228 KiB), else the opt-in maximum: one
 # read of the row instead of two.  Each CTA has CLUSTER_BLOCK threads.  Off by default: on an
-# H200 (scripts/tune_gpu.py, 2026-11-28) the clusters were slower than re-reading the row from
-# L2/HBM except at K = 128256 float32 (fused 3.10 ms against 3.37 ms), and slower there in float16
-# (2.10 against 1.85 ms) and at K = 32000 (0.57 against 0.50 ms): with a row split into cached
-# segments each CTA alternates between reading and writing, and three CTAs per SM keep too few
-# loads in flight.  The kernels are compiled, executed on the CPU and on a GPU by the tests.
+# H200 (scripts/tune_gpu.py, 2026-11-28, 8192 x 128256 fused forward+backward, median of 5
+# interleaved rounds) clusters took 2.99 ms against 3.20 ms re-reading in float32 but 2.16 ms
+# against 1.69 ms in float16, and at 4096 x 32000 the rounds spread too wide to rank them: with a
+# row split into cached segments each CTA alternates between reading and writing, and three CTAs
+# per SM keep too few loads in flight.  The kernels are compiled, executed on the CPU and on a
+# GPU by the tests.
 USE_CLUSTERS = False
 CLUSTER_SEGMENT_LIMIT = 64 * 1024
 CLUSTER_BLOCK = 256
