@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: GPU tests, the gradient check on the cupy backend and the GPU
-# benchmark (at most 150 + 60 + 180 s). Logs go to $OUT (or ./device_check_out). Needs CuPy, numpy,
-# pytest and hypothesis (torch optional, as a benchmark peer); uses cupy_sce from this checkout.
+# One command for a GPU machine: GPU tests, the gradient check on the cupy backend, the GPU
+# benchmark and the kernel variants of tune_gpu.py (at most 150 + 60 + 180 + 200 s; about 150 s on
+# an H200). Logs go to $OUT (or ./device_check_out). Needs CuPy, numpy, pytest and hypothesis
+# (torch optional, as a benchmark peer); uses cupy_sce from this checkout.
 #   PYTHON=python3 bash scripts/device_check.sh [extra bench.py arguments]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,5 +21,7 @@ timeout 60 "$PY" scripts/gradcheck.py --backend cupy >"$OUT/gradcheck_cupy.log" 
 tail -3 "$OUT/gradcheck_cupy.log"
 echo "== GPU benchmark"
 timeout 180 "$PY" scripts/bench.py --device gpu --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
+echo "== kernel variants"
+timeout 200 "$PY" scripts/tune_gpu.py --out "$OUT" 2>&1 | tee "$OUT/tune_gpu.log" || status=1
 echo "== exit status $status"
 exit $status

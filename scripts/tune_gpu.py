@@ -30,11 +30,15 @@ VARIANTS = [
     ('clusters', (), {(_cupy_backend, 'USE_CLUSTERS'): True}),
     ('prefetch', ('-DSCE_PREFETCH=1',), {}),
     ('exp2 ftz', ('-DSCE_EXP2_FTZ=1',), {}),
-    ('prefetch+exp2 ftz', ('-DSCE_PREFETCH=1', '-DSCE_EXP2_FTZ=1'), {}),
+    ('columns: 4 warps', (), {(_cupy_backend, 'COLUMN_SLICES'): 4}),
+    ('columns: 16 warps', (), {(_cupy_backend, 'COLUMN_SLICES'): 16}),
+    ('columns: off', (), {(_cupy_backend, 'COLUMN_SLICES'): 1}),
 ]
-CASES = [('8192x128256', (8192, 128256), numpy.float32), ('8192x128256', (8192, 128256), numpy.float16),
-         ('4096x32000', (4096, 32000), numpy.float32), ('65536x1000', (65536, 1000), numpy.float32),
-         ('1048576x10', (1048576, 10), numpy.float32)]
+CASES = [  # (name, shape, class axis, dtype)
+    ('8192x128256', (8192, 128256), -1, numpy.float32), ('8192x128256', (8192, 128256), -1, numpy.float16),
+    ('4096x32000', (4096, 32000), -1, numpy.float32), ('65536x1000', (65536, 1000), -1, numpy.float32),
+    ('1048576x10', (1048576, 10), -1, numpy.float32),
+    ('64x1000x256 axis=1', (64, 1000, 256), 1, numpy.float32)]
 OPS = ('forward', 'forward+backward')
 
 
@@ -77,18 +81,23 @@ def main(argv=None):
     parser.add_argument('--out', default='bench_out')
     args = parser.parse_args(argv)
     import cupy
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 -- CuPy raises its own CUDARuntimeError without a GPU
+        print('# no GPU: nothing to tune ({})'.format(exc))
+        return 1
     peak = bench.peak_bandwidth_gbs()
     name = cupy.cuda.runtime.getDeviceProperties(0)['name']
     print('# {}, peak {:.0f} GB/s; median of {} rounds x median of {} calls'.format(
         name.decode() if isinstance(name, bytes) else name, peak, args.rounds, args.repeat))
     runtimes = {vname: VariantRuntime(options) for vname, options, _ in VARIANTS}
     lines, mismatches = [], []
-    for case, shape, dtype in CASES:
-        x, label = bench.make_inputs(cupy, shape, -1, dtype)
+    for case, shape, axis, dtype in CASES:
+        x, label = bench.make_inputs(cupy, shape, axis, dtype)
         reference = None
         for vname, _, overrides in VARIANTS:  # each variant computes what the default computes
             with variant(runtimes[vname], overrides):
-                loss, grad = cupy_sce.forward_backward(x, label)
+                loss, grad = cupy_sce.forward_backward(x, label, axis=axis)
             if reference is None:
                 reference = (loss, grad)
                 continue
@@ -104,16 +113,16 @@ def main(argv=None):
             for vname, _, overrides in VARIANTS:
                 with variant(runtimes[vname], overrides):
                     for op in OPS:
-                        t = bench.time_gpu(bench.ours(op, x, label, -1), args.repeat)[0]
+                        t = bench.time_gpu(bench.ours(op, x, label, axis), args.repeat)[0]
                         times.setdefault((vname, op), []).append(t)
         for vname, _, _ in VARIANTS:
             cells = []
             for op in OPS:
                 t = statistics.median(times[(vname, op)])
                 spread = (max(times[(vname, op)]) - min(times[(vname, op)])) / t
-                frac = bench.bytes_moved(op, shape, -1, numpy.dtype(dtype).itemsize) / t / 1e9 / peak
+                frac = bench.bytes_moved(op, shape, axis, numpy.dtype(dtype).itemsize) / t / 1e9 / peak
                 cells.append('{} {:7.3f} ms {:5.1%} (rounds +-{:.0%})'.format(op, t * 1e3, frac, spread / 2))
-            line = '{:<12} {:<8} {:<18} {}'.format(case, numpy.dtype(dtype).name, vname, ' | '.join(cells))
+            line = '{:<18} {:<8} {:<18} {}'.format(case, numpy.dtype(dtype).name, vname, ' | '.join(cells))
             print(line, flush=True)
             lines.append(line)
         del x, label

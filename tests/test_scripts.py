@@ -164,11 +164,12 @@ def test_tune_gpu_runs_its_variants_on_the_harness(tmp_path, monkeypatch):
     import cupy as real_cupy
     fake = types.ModuleType('cupy')
     fake.__file__ = real_cupy.__file__
-    device = types.SimpleNamespace(getDeviceProperties=lambda d: {'name': b'x'})
+    device = types.SimpleNamespace(getDeviceProperties=lambda d: {'name': b'x'}, getDeviceCount=lambda: 1)
     fake.cuda = types.SimpleNamespace(runtime=device)
     monkeypatch.setitem(sys.modules, 'cupy', fake)
     monkeypatch.setattr(tune, 'VariantRuntime', HarnessVariant)
-    monkeypatch.setattr(tune, 'CASES', [('3x20000', (3, 20000), numpy.float32)])
+    monkeypatch.setattr(tune, 'CASES', [('3x20000', (3, 20000), -1, numpy.float32),
+                                        ('2x100x40 axis=1', (2, 100, 40), 1, numpy.float32)])
     monkeypatch.setattr(bench, 'peak_bandwidth_gbs', lambda: 1000.0)
     monkeypatch.setattr(bench, 'time_gpu', bench.time_cpu)
     monkeypatch.setattr(bench, 'free_device_memory', lambda: None)
@@ -176,4 +177,4 @@ def test_tune_gpu_runs_its_variants_on_the_harness(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, 'make_inputs', lambda xp, shape, axis, dtype: draw(numpy, shape, axis, dtype))
     assert tune.main(['--repeat', '1', '--rounds', '1', '--out', str(tmp_path)]) == 0
     lines = (tmp_path / 'tune_gpu.txt').read_text().splitlines()
-    assert len(lines) == len(tune.VARIANTS) and all('forward+backward' in line for line in lines)
+    assert len(lines) == 2 * len(tune.VARIANTS) and all('forward+backward' in line for line in lines)
