@@ -101,11 +101,15 @@ except ImportError:  # pragma: no cover
     cupy = None
 
 if cupy is not None:
+    def raw_module(dtype, extra_options=()):
+        """A ``cupy.RawModule`` with every instantiation for ``dtype`` (``extra_options``: e.g. the
+        ``-D`` tuning knobs of kernels/sce.cu, as scripts/tune_gpu.py passes them)."""
+        return cupy.RawModule(code=read_source(), options=nvrtc_options() + tuple(extra_options),
+                              name_expressions=name_expressions(dtype))
+
     @cupy.memoize(for_each_device=True)
     def _module(dtype_char):
-        dtype = numpy.dtype(dtype_char)
-        return cupy.RawModule(code=read_source(), options=nvrtc_options(),
-                              name_expressions=name_expressions(dtype))
+        return raw_module(numpy.dtype(dtype_char))
 
     def get_function(dtype, name):
         """The kernel ``name`` (one of ``name_expressions(dtype)``) on the current device."""

@@ -53,9 +53,7 @@ class VariantRuntime(_cupy_backend.CupyRuntime):
     def kernel(self, dtype, name):
         dtype = numpy.dtype(dtype)
         if dtype not in self.modules:
-            self.modules[dtype] = self.xp.RawModule(
-                code=_kernels.read_source(), options=_kernels.nvrtc_options() + self.options,
-                name_expressions=_kernels.name_expressions(dtype))
+            self.modules[dtype] = _kernels.raw_module(dtype, self.options)
         return self.modules[dtype].get_function(name)
 
 
