@@ -190,7 +190,8 @@ class CupyBackend:
 
     def _fused(self, p, x=None, label=None, softmax_in=None, lse_in=None, loss_grad=None,
                loss=None, lse=None, softmax=None, grad=None):
-        """Launch ``cupy_sce_fused_rows`` with the given inputs/outputs (others null)."""
+        """Launch ``cupy_sce_fused_rows`` (or ``cupy_sce_fused_cluster``) with the given
+        inputs/outputs (others null)."""
         bad_buf = self._bad_row_buffer(p) if label is not None else None
         vec = self._vec(p, x, softmax_in, softmax, grad)
         label_type = self._label_type(p) if label is not None else 'int'

@@ -7,8 +7,8 @@
 #include <cuda_fp16.h>
 
 // Dynamic shared memory, typed by the caller: one untyped declaration serves every
-// instantiation (a typed `extern __shared__` array per template would conflict).  At global
-// scope, so that the host harness can define the array.
+// instantiation (a typed `extern __shared__` array per template would conflict).  Under the host
+// harness (SCE_HOST_SHIM) it is the running block's own buffer.
 template <typename V> __device__ __forceinline__ V* sce_dynamic_smem() {
 #ifdef SCE_HOST_SHIM
     // the host harness: each CTA of a cluster has its own buffer, live at the same time
@@ -139,14 +139,13 @@ template <typename A> __device__ __forceinline__ RowState<A> row_state_init() {
 
 // Fold a step of chunks whose max is chunk_max: rescale the running sum once per step (not once
 // per element), so the loop costs one exp per element.
-template <typename A> __device__ __forceinline__ A rebase(RowState<A>& s, A chunk_max) {
+template <typename A> __device__ __forceinline__ void rebase(RowState<A>& s, A chunk_max) {
     A new_max = nan_max(s.max, chunk_max);
     if (new_max != s.max) {
         // s.max == -inf gives exp(-inf) = 0 (sum was 0 anyway); a NaN max makes the sum NaN.
         if (new_max != -inf_value(A())) s.sum *= exp_acc(s.max - new_max);
         s.max = new_max;
     }
-    return new_max;
 }
 
 template <typename A> struct MergeRowState {

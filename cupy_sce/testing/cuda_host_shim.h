@@ -64,12 +64,10 @@
 namespace sce_host {
 
 constexpr int kWarpSize = 32;
-constexpr size_t kDefaultDynamicSmem = 48 * 1024;   // without opt-in
 constexpr size_t kMaxDynamicSmem = 227 * 1024;      // with opt-in (H100 / H200)
 constexpr unsigned kMaxCluster = 8;                 // the portable cluster size
 
 struct Fiber;
-struct BlockState;
 
 Fiber& this_fiber();
 void fail(const std::string& message);    // records the first error and parks the fiber
