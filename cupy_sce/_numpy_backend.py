@@ -11,7 +11,7 @@ position.  The steps are the kernels' steps, with the kernels' names:
 5. gradient               -- ``(softmax - onehot(label)) * loss_grad`` (hard) or
                              ``(softmax * sum_k(label_k) - label) * loss_grad`` (soft)
 
-Speed: rows are processed in tiles of about 1 MiB (BLOCK_ELEMENTS, measured),
+Speed: rows are processed in tiles of about 4 MiB (BLOCK_ELEMENTS, measured),
 one chunk of tiles per thread of a pool (NumPy releases the GIL inside
 ufuncs), with in-place ufuncs writing into per-thread scratch or straight into
 the output; each tile does its own label step, as each kernel row does.  When K is tiny a row-wise
@@ -19,16 +19,28 @@ reduction is all overhead, so such blocks are transposed to ``(1, K, rows)``
 and reduced across K contiguous vectors -- the layout the strided
 (``inner > 1``) case already has.  There is no loop over rows in Python and
 no N*K temporary: extra memory is O(threads x block).
+
+One step differs from the kernels in how, not what: their online merge gets the
+row max in the same read as the sum, while here it costs a pass of its own and a
+broadcast subtraction.  So step 2 first tries ``exp(x)`` unshifted and keeps it
+when every row's sum is safe (see ``_exp_sum``), and the backward from lse folds
+the shift into its scale (``_exp_minus_lse``).
 """
 import concurrent.futures
 import os
 import threading
+import typing
 
 import numpy
 
-# Elements of one tile (1 MiB of float32).  Measured on 2 cores (1 MiB L2 each): 64K-element
-# tiles are dominated by per-call overhead; 256K is within 5% of the best.
-BLOCK_ELEMENTS = 1 << 18
+# Elements of one tile (4 MiB of float32).  Measured on 2 cores (1 MiB L2 each, 32 MiB L3),
+# interleaved: 1M-element tiles beat 256K by 15-35% at 4096x32000 and 65536x1000 (each tile
+# pays about 25 NumPy calls of Python overhead, partly under the GIL); 2M gains nothing more.
+BLOCK_ELEMENTS = 1 << 20
+# Smaller problems get smaller tiles, down to this, so that every thread has
+# TILES_PER_THREAD of them to balance the load.
+MIN_BLOCK_ELEMENTS = 1 << 16
+TILES_PER_THREAD = 4
 # Contiguous rows with at most this many classes are transposed (see module docstring).
 SMALL_K = 64
 
@@ -146,21 +158,24 @@ class _Block:
             numpy.copyto(view, work)
 
 
-def _blocks(p):
-    """Tiles covering all rows: whole rows, about BLOCK_ELEMENTS elements each."""
+def _blocks(p, n_threads):
+    """Tiles covering all rows: whole rows, about ``elements`` each (BLOCK_ELEMENTS, less
+    when a thread would get fewer than TILES_PER_THREAD tiles)."""
     K = max(p.K, 1)
     if p.outer * p.inner == 0:
         return []
+    elements = max(MIN_BLOCK_ELEMENTS,
+                   min(BLOCK_ELEMENTS, p.outer * K * p.inner // (TILES_PER_THREAD * n_threads)))
     if p.inner == 1:
-        rows = max(1, BLOCK_ELEMENTS // K)
+        rows = max(1, elements // K)
         transposed = p.K <= SMALL_K
         return [(o0, min(o0 + rows, p.outer), 0, 1, transposed) for o0 in range(0, p.outer, rows)]
     slab = K * p.inner
-    if slab <= BLOCK_ELEMENTS:
-        outers = BLOCK_ELEMENTS // slab
+    if slab <= elements:
+        outers = elements // slab
         return [(o0, min(o0 + outers, p.outer), 0, p.inner, False)
                 for o0 in range(0, p.outer, outers)]
-    inners = max(1, BLOCK_ELEMENTS // K)
+    inners = max(1, elements // K)
     return [(o, o + 1, i0, min(i0 + inners, p.inner), False)
             for o in range(p.outer) for i0 in range(0, p.inner, inners)]
 
@@ -171,7 +186,7 @@ def _for_each_block(p, body):
     Tiles are split statically into one contiguous chunk per thread: one pool
     task per thread, not per tile.
     """
-    tiles = _blocks(p)
+    tiles = _blocks(p, get_num_threads())
     n_threads = min(get_num_threads(), len(tiles))
 
     def run(chunk):
@@ -211,22 +226,101 @@ def _row_sum(e):
     return e.sum(axis=1, keepdims=True)
 
 
-def _exp_shifted(x, exp_out):
-    """Step 2 on a tile: ``(shift, sum_exp)``, leaving ``exp(x - shift)`` in ``exp_out``.
+class _RowSums(typing.NamedTuple):
+    """Step 2's result for the rows of a tile.
 
-    lse = shift + log(sum_exp).  shift is the row max, except that an all -inf
-    row is shifted by the lowest finite value instead of -inf, so that
-    ``x - shift`` never forms -inf - -inf (the kernels' online merge shifts such
-    a row by 0; both give sum_exp 0 and lse -inf).
+    ``lse = shift + log_sum_exp`` and the hard loss is ``log_sum_exp + (shift - x[label])``;
+    the tile holds ``exp(x - s)`` for some per-row ``s`` and ``tile_sum`` is its sum over the
+    classes, so ``softmax = tile / tile_sum``.
     """
+    shift: object
+    log_sum_exp: object
+    tile_sum: object
+
+
+def _exp_sum(x, exp_out, labels=None, shift_by_max=False):
+    """Step 2 on a tile: ``_RowSums``, leaving the (shifted) exponentials in ``exp_out``, which
+    must not overlap ``x``.
+
+    The kernels' online merge gets the row max for free in their one read; here it is a pass
+    of its own plus a broadcast subtraction, about 40% of the forward (measured).  So a tile
+    first takes ``exp(x)`` unshifted, and a row keeps it when its sum lies in ``[0.5,
+    finfo.max]``: then nothing overflowed, NaN is absent (a NaN sum fails the test) and a
+    term that underflows to a subnormal is off by at most 2 subnormal ulps in the softmax, as
+    in the shifted form.  If any row fails, the tile is redone with those rows shifted by
+    their max (an all -inf row by the lowest finite value, so that ``x - shift`` never forms
+    -inf - -inf; the kernels' merge shifts it by 0; both give sum 0 and lse -inf) and the
+    others by 0, which leaves their exponentials bit for bit: a row's result never depends on
+    its tile.  Soft labels (``shift_by_max``) shift every row: their loss has no label logit
+    to hold it exactly (see ``_unshifted_sums``).
+    """
+    dtype_char = x.dtype.char
+    safe = False
+    if not shift_by_max:
+        numpy.exp(x, out=exp_out)
+        tile_sum = _row_sum(exp_out)
+        label_exp = None if labels is None else labels.gather(exp_out)
+        safe = (tile_sum >= 0.5) & (tile_sum <= _LIMITS[dtype_char].max)
+        if safe.all():
+            return _unshifted_sums(tile_sum, labels, label_exp, dtype_char)
     row_max = _row_max(x)
-    shift = numpy.maximum(row_max, _LOWEST[x.dtype.char], out=row_max)
+    shift = numpy.where(safe, 0, numpy.maximum(row_max, _LIMITS[dtype_char].min, out=row_max))
     numpy.subtract(x, shift, out=exp_out)
     numpy.exp(exp_out, out=exp_out)
-    return shift, _row_sum(exp_out)
+    sum_exp = _row_sum(exp_out)
+    shifted = _RowSums(shift, numpy.log(sum_exp), sum_exp)
+    if not numpy.any(safe):
+        return shifted
+    unshifted = _unshifted_sums(sum_exp, labels, label_exp, dtype_char)
+    return _RowSums(*(numpy.where(safe, a, b) for a, b in zip(unshifted, shifted)))
 
 
-_LOWEST = {'f': numpy.finfo(numpy.float32).min, 'd': numpy.finfo(numpy.float64).min}
+def _unshifted_sums(tile_sum, labels, label_exp, dtype_char):
+    """``_RowSums`` for rows holding ``exp(x)``; ``label_exp`` is ``exp(x[label])`` read back
+    from those rows.
+
+    ``shift`` is the label's own logit where it can be: then ``log_sum_exp = log1p((sum -
+    exp(x[label])) * exp(-x[label]))`` is the loss itself, as exact as the shifted form
+    (``log(sum) - x[label]`` would lose ``eps * lse`` to cancellation when the loss is
+    small), and exactly 0 when the other terms vanish (K = 1 gives loss 0 and softmax 1).
+    ``sum >= exp(x[label])`` holds in floating point too: adding non-negative terms never
+    rounds below one of them.  A label logit more than EXP_HEADROOM below ``log(sum)``
+    would overflow ``exp(-x[label])``; those rows (and all rows without labels) shift by 0,
+    and their loss, above EXP_HEADROOM, adds terms that do not cancel.
+    """
+    log_tile_sum = numpy.log(tile_sum)
+    if labels is None:
+        return _RowSums(0, log_tile_sum, tile_sum)
+    far = labels.picked < log_tile_sum - _EXP_HEADROOM[dtype_char]
+    shift = numpy.where(far, 0, labels.picked)
+    others = (tile_sum - label_exp) * numpy.exp(-shift)
+    return _RowSums(shift, numpy.where(far, log_tile_sum, numpy.log1p(others)), tile_sum)
+
+
+def _exp_minus_lse(x, row_lse, out, scale=None):
+    """``out = exp(x - lse) * scale``: the softmax, scaled unless ``scale`` is None.
+
+    A row whose lse lies in ``[log 0.5, EXP_HEADROOM]`` (NaN fails) cannot overflow in
+    ``exp(x)`` (``x <= lse``), so its shift folds into the scale: one broadcast pass instead
+    of two, errors as in ``_exp_sum``.  Other rows subtract their lse first; safe rows then
+    subtract 0, so again a row's result never depends on its tile.
+    """
+    safe = (row_lse >= _LOG_HALF) & (row_lse <= _EXP_HEADROOM[x.dtype.char])
+    if safe.all():
+        numpy.exp(x, out=out)
+        factor = numpy.exp(-row_lse)
+    else:
+        numpy.subtract(x, numpy.where(safe, 0, row_lse), out=out)
+        numpy.exp(out, out=out)
+        factor = numpy.where(safe, numpy.exp(-row_lse), 1)
+    out *= factor if scale is None else factor * scale
+
+
+_LIMITS = {'f': numpy.finfo(numpy.float32), 'd': numpy.finfo(numpy.float64)}
+# exp(EXP_HEADROOM + 1) and its reciprocal stay finite and normal (float32 overflows at 88.7,
+# float64 at 709.8).
+_EXP_HEADROOM = {'f': 80.0, 'd': 700.0}
+_LOG_HALF = float(numpy.log(0.5))
 
 
 def _quiet(fn):
@@ -263,13 +357,16 @@ class _TileLabels:
                 self.invalid = ignored | bad
         self.index = label if self.invalid is None else numpy.where(self.invalid, 0, label)
         self.flat = None
-        if p.inner == 1 and not b.transposed and b.x.flags.c_contiguous:
-            rows = b.o1 - b.o0
-            self.flat = _arange(rows) * p.K + self.index.reshape(-1)
-            self.picked = b.x.reshape(-1).take(self.flat).reshape(label.shape)
-        else:
-            self.picked = numpy.take_along_axis(b.x, self.index, axis=1)
+        if p.inner == 1 and not b.transposed:
+            self.flat = _arange(b.o1 - b.o0) * p.K + self.index.reshape(-1)
+        self.picked = self.gather(b.x)
         self.bad_row = _first_bad_row(b, self.bad) if p.check_labels and self.bad is not None else None
+
+    def gather(self, tile):
+        """``tile[label]`` for each row of a tile-shaped array (class 0 where invalid)."""
+        if self.flat is not None and tile.flags.c_contiguous:
+            return tile.reshape(-1).take(self.flat).reshape(self.index.shape)
+        return numpy.take_along_axis(tile, self.index, axis=1)
 
     def loss(self, shift, log_sum_exp):
         """Step 4 (hard): ``lse - x[label]`` as ``log_sum_exp + (shift - x[label])``, which stays
@@ -362,8 +459,8 @@ def logsumexp(p):
     out = numpy.empty((p.outer, p.inner), p.acc_dtype)
 
     def body(b):
-        shift, sum_exp = _exp_shifted(b.x, _scratch('exp', b.x.shape, p.acc_dtype))
-        b.put_rows(out, shift + numpy.log(sum_exp))
+        sums = _exp_sum(b.x, _scratch('exp', b.x.shape, p.acc_dtype))
+        b.put_rows(out, sums.shift + sums.log_sum_exp)
     _for_each_block(p, body)
     return out
 
@@ -390,16 +487,17 @@ def forward_out(p, loss, lse, softmax):
     def body(b):
         labels = None if p.soft_label else _TileLabels(b, clean)
         tile = b.work(softmax, 'exp')
-        shift, sum_exp = _exp_shifted(b.x, tile)
-        log_sum_exp = numpy.log(sum_exp)
+        sums = _exp_sum(b.x, tile, labels, shift_by_max=p.soft_label)
         if lse is not None:
-            b.put_rows(lse, shift + log_sum_exp)
+            b.put_rows(lse, sums.shift + sums.log_sum_exp)
         if p.soft_label:
-            b.put_rows(loss, _soft_terms(b, shift, log_sum_exp, None, None, None))
+            b.put_rows(loss, _soft_terms(b, sums.shift, sums.log_sum_exp, None, None, None))
         else:
-            b.put_rows(loss, labels.loss(shift, log_sum_exp))
+            b.put_rows(loss, labels.loss(sums.shift, sums.log_sum_exp))
         if softmax is not None:
-            tile *= 1 / sum_exp
+            # divided, not scaled by 1/sum: a row whose other terms underflow gives exactly 1
+            # from an unshifted exp(x) too (slower than the product, but only this output)
+            numpy.divide(tile, sums.tile_sum, out=tile)
             b.put_full(softmax, tile)
         return None if labels is None else labels.bad_row
     return _for_each_block(p, body)
@@ -415,18 +513,20 @@ def backward_out(p, loss_grad, lse, softmax, grad):
     def body(b):
         labels = None if p.soft_label else _TileLabels(b, clean)
         tile = b.work(grad, 'grad', alias_ok=not p.soft_label)
+        g = 1 if loss_grad is None else b.rows(loss_grad)
+        # None: no scaling (soft labels: _soft_terms applies loss_grad itself)
+        scale = None if p.soft_label or loss_grad is None else g
         if softmax is None:
             row_lse = b.rows(lse)
-            numpy.subtract(b.x, row_lse, out=tile)
-            numpy.exp(tile, out=tile)
-        elif tile is not b.x:
-            numpy.copyto(tile, b.x)
-        g = 1 if loss_grad is None else b.rows(loss_grad)
+            _exp_minus_lse(b.x, row_lse, tile, scale)
+        else:
+            if tile is not b.x:
+                numpy.copyto(tile, b.x)
+            if scale is not None:
+                tile *= scale
         if p.soft_label:
             _soft_terms(b, None, None, tile, loss_grad, tile)
         else:
-            if loss_grad is not None:
-                tile *= g
             label_prob = labels.picked if softmax is not None else numpy.exp(labels.picked - row_lse)
             labels.finish_gradient(tile, label_prob, g)
         b.put_full(grad, tile)
@@ -442,16 +542,17 @@ def forward_backward_out(p, loss_grad, loss, grad):
     def body(b):
         labels = None if p.soft_label else _TileLabels(b, clean)
         tile = b.work(grad, 'grad', alias_ok=not p.soft_label)
-        shift, sum_exp = _exp_shifted(b.x, tile)
-        log_sum_exp = numpy.log(sum_exp)
+        # in place the exponentials go to scratch: _exp_sum may need x again
+        exp_tile = _scratch('exp', b.x.shape, p.acc_dtype) if numpy.may_share_memory(tile, b.x) else tile
+        sums = _exp_sum(b.x, exp_tile, labels, shift_by_max=p.soft_label)
         g = 1 if loss_grad is None else b.rows(loss_grad)
         if p.soft_label:
-            tile *= 1 / sum_exp
-            b.put_rows(loss, _soft_terms(b, shift, log_sum_exp, tile, loss_grad, tile))
+            tile *= 1 / sums.tile_sum
+            b.put_rows(loss, _soft_terms(b, sums.shift, sums.log_sum_exp, tile, loss_grad, tile))
         else:
-            b.put_rows(loss, labels.loss(shift, log_sum_exp))
-            tile *= g / sum_exp  # softmax * loss_grad
-            labels.finish_gradient(tile, numpy.exp((labels.picked - shift) - log_sum_exp), g)
+            b.put_rows(loss, labels.loss(sums.shift, sums.log_sum_exp))
+            numpy.multiply(exp_tile, g / sums.tile_sum, out=tile)  # softmax * loss_grad
+            labels.finish_gradient(tile, numpy.exp((labels.picked - sums.shift) - sums.log_sum_exp), g)
         b.put_full(grad, tile)
         return None if labels is None else labels.bad_row
     return _for_each_block(p, body)
