@@ -11,8 +11,10 @@ from cupy_sce import _numpy_backend
 from reference import reference
 
 # tighter than test_semantics' TOL: these rows are built to expose a lost digit (float64:
-# the reference itself rounds x - lse by 800 * eps = 2e-13 at the largest offset)
-TIGHT = {numpy.float32: dict(rtol=2e-6, atol=1e-7), numpy.float64: dict(rtol=5e-13, atol=1e-15)}
+# the reference itself rounds x - lse by 800 * eps = 2e-13 at the largest offset; float16
+# computes in float32 and rounds each output once, to 2**-11 relative)
+TIGHT = {numpy.float16: dict(rtol=1e-3, atol=1e-7), numpy.float32: dict(rtol=2e-6, atol=1e-7),
+         numpy.float64: dict(rtol=5e-13, atol=1e-15)}
 # row offsets: -300 and -95 (sums underflow: shifted), -80 (shifted too, a sum of normals),
 # -0.5 and 0 (unshifted), 60 and 87 (unshifted, near float32's overflow), 95 and 800
 # (overflow: shifted in float32, and 800 in float64 too)
@@ -34,7 +36,7 @@ def _all_outputs(x, label, **kw):
     return loss, softmax, loss_fb, grad, lse, grad_from_lse
 
 
-@pytest.mark.parametrize('dtype', [numpy.float32, numpy.float64])
+@pytest.mark.parametrize('dtype', [numpy.float16, numpy.float32, numpy.float64])
 @pytest.mark.parametrize('K', [1, 7, 1000])
 def test_every_offset_matches_the_reference(dtype, K):
     x, label = _offset_rows(numpy.random.default_rng(K), K, dtype)
