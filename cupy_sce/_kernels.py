@@ -95,6 +95,17 @@ def nvrtc_options():
     return ('--std=c++17', '-I' + KERNEL_DIR) + tuple('-I' + d for d in cuda_include_dirs())
 
 
+# The compile-time knobs of kernels/sce.cu that scripts/tune_gpu.py measures against the
+# defaults on a GPU.  The tests compile each with NVRTC and run each on the host harness (where
+# the ftz exp2 is plain exp2f: its asm is device-only), so a GPU session never meets a knob
+# that does not build or computes something else.
+TUNING_KNOBS = {
+    'prefetch': ('-DSCE_PREFETCH=1',),  # issue the next step's loads before this step's arithmetic
+    'exp2 ftz': ('-DSCE_EXP2_FTZ=1',),  # ex2.approx.ftz: no subnormal fix-up
+    'unroll 8': ('-DSCE_UNROLL=8',),    # 8 loads of 16 bytes in flight per thread, not 4
+}
+
+
 try:
     import cupy
 except ImportError:  # pragma: no cover

@@ -3,8 +3,8 @@
 
     python scripts/tune_gpu.py [--repeat N] [--rounds N] [--out DIR]
 
-Each variant compiles the kernels with its own ``-D`` options (SCE_UNROLL, SCE_PREFETCH,
-SCE_EXP2_FTZ) and may replace launch parameters of ``_cupy_backend``; it runs through the real
+Each variant compiles the kernels with its own ``-D`` options (``_kernels.TUNING_KNOBS``) or
+replaces launch parameters of ``_cupy_backend``; it runs through the real
 ``CupyBackend`` host logic, its results are checked against the default variant's, and the
 forward and fused forward+backward times are printed per case as ms and fraction of peak
 bandwidth (the byte model of bench.py).  The defaults in sce.cu / _cupy_backend.py are what a
@@ -28,8 +28,7 @@ import bench  # noqa: E402  (the byte model, inputs and timers are the benchmark
 VARIANTS = [
     ('default', (), {}),
     ('clusters', (), {(_cupy_backend, 'USE_CLUSTERS'): True}),
-    ('prefetch', ('-DSCE_PREFETCH=1',), {}),
-    ('exp2 ftz', ('-DSCE_EXP2_FTZ=1',), {}),
+] + [(knob, options, {}) for knob, options in _kernels.TUNING_KNOBS.items()] + [
     ('columns: 4 warps', (), {(_cupy_backend, 'COLUMN_SLICES'): 4}),
     ('columns: 16 warps', (), {(_cupy_backend, 'COLUMN_SLICES'): 16}),
     ('columns: off', (), {(_cupy_backend, 'COLUMN_SLICES'): 1}),

@@ -1,5 +1,6 @@
 """The CUDA kernels without a GPU: NVRTC compiles every instantiation, and the host harness
 executes every instantiation through the CuPy backend's own host logic."""
+import functools
 import os
 import subprocess
 import sys
@@ -31,25 +32,40 @@ def _nvrtc_available():
 
 # ---------------------------------------------------------------- NVRTC
 
+@functools.lru_cache(maxsize=None)
+def _ptx(dtype, options=()):
+    """PTX for sm_90, compiled once per test session (the knob test compares with it)."""
+    return _kernels.nvrtc_compile(dtype, 'compute_90', options).decode()
+
+
 @pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed (pip install -e ".[test]")')
 @pytest.mark.parametrize('arch', ['compute_80', 'compute_90'])
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_nvrtc_compiles_every_instantiation(dtype, arch):
     """PTX for both architectures (machine code for sm_80 / sm_90: the register test below)."""
-    code = _kernels.nvrtc_compile(dtype, arch)
-    assert len(code) > 1000
-    if arch.startswith('compute'):
-        ptx = code.decode()
-        for name in ('cupy_sce_fused_rows', 'cupy_sce_fused_cluster', 'cupy_sce_row_max',
-                     'cupy_sce_gather_label'):
-            assert name in ptx
-        # the VEC instantiations really use 16-byte accesses
-        assert 'ld.global.v4' in ptx or 'ld.global.nc.v4' in ptx or 'ld.global.v2.f64' in ptx
-        if arch == 'compute_90':  # clusters: fixed dims, a cluster barrier, distributed shared memory
-            assert '.reqnctapercluster' in ptx or '.explicitcluster' in ptx
-            assert 'barrier.cluster' in ptx and 'mapa' in ptx
-        else:
-            assert 'trap' in ptx  # sm_80 has no clusters: those kernels only trap
+    ptx = _ptx(dtype) if arch == 'compute_90' else _kernels.nvrtc_compile(dtype, arch).decode()
+    assert len(ptx) > 1000
+    for name in ('cupy_sce_fused_rows', 'cupy_sce_fused_cluster', 'cupy_sce_row_max',
+                 'cupy_sce_gather_label'):
+        assert name in ptx
+    # the VEC instantiations really use 16-byte accesses
+    assert 'ld.global.v4' in ptx or 'ld.global.nc.v4' in ptx or 'ld.global.v2.f64' in ptx
+    if arch == 'compute_90':  # clusters: fixed dims, a cluster barrier, distributed shared memory
+        assert '.reqnctapercluster' in ptx or '.explicitcluster' in ptx
+        assert 'barrier.cluster' in ptx and 'mapa' in ptx
+    else:
+        assert 'trap' in ptx  # sm_80 has no clusters: those kernels only trap
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed')
+@pytest.mark.parametrize('knob', sorted(_kernels.TUNING_KNOBS))
+@pytest.mark.parametrize('dtype', [numpy.float16, numpy.float32])  # what tune_gpu.py times
+def test_nvrtc_compiles_every_tuning_knob(dtype, knob):
+    """A knob builds, and changes the code (test_scripts runs each on the harness)."""
+    ptx = _ptx(dtype, _kernels.TUNING_KNOBS[knob])
+    assert 'cupy_sce_fused_rows' in ptx and ptx != _ptx(dtype)
+    if knob == 'exp2 ftz':
+        assert 'ex2.approx.ftz.f32' in ptx
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed')

@@ -145,7 +145,8 @@ def test_device_check_script_parses():
 @pytest.mark.skipif(harness.unavailable_reason() is not None, reason='host harness unavailable')
 def test_tune_gpu_runs_its_variants_on_the_harness(tmp_path, monkeypatch):
     """scripts/tune_gpu.py end to end with the kernels on the host harness and a stand-in for
-    cupy's device queries: every variant runs, agrees with the default, and gets a line."""
+    cupy's device queries: every variant runs, compiled with its own -D options, agrees with the
+    default, and gets a line."""
     import importlib.util
     import types
 
@@ -157,9 +158,12 @@ def test_tune_gpu_runs_its_variants_on_the_harness(tmp_path, monkeypatch):
     spec.loader.exec_module(tune)
     bench = tune.bench
 
+    built = []
+
     class HarnessVariant(harness.HarnessRuntime):
-        def __init__(self, options):  # the harness builds the default kernels only
-            super().__init__()
+        def __init__(self, options):  # float32 only: the cases below are float32
+            super().__init__(options, dtypes=[numpy.float32])
+            built.append((tuple(options), self.lib._name))
 
     import cupy as real_cupy
     fake = types.ModuleType('cupy')
@@ -178,3 +182,6 @@ def test_tune_gpu_runs_its_variants_on_the_harness(tmp_path, monkeypatch):
     assert tune.main(['--repeat', '1', '--rounds', '1', '--out', str(tmp_path)]) == 0
     lines = (tmp_path / 'tune_gpu.txt').read_text().splitlines()
     assert len(lines) == 2 * len(tune.VARIANTS) and all('forward+backward' in line for line in lines)
+    # each knob got a library of its own; variants without options share the default's
+    libraries = dict(built)
+    assert len(set(libraries.values())) == 1 + len(tune._kernels.TUNING_KNOBS)

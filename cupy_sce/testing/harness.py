@@ -88,17 +88,18 @@ def registry_source(names=None):
     return ''.join('SCE_KERNEL({})\n'.format(n) for n in names)
 
 
-def build(asan=False, kernel_dir=None, source='sce.cu', names=None):
+def build(asan=False, kernel_dir=None, source='sce.cu', names=None, options=()):
     """Compile the harness library for ``kernel_dir/source`` (cached by content); returns its path.
 
     Defaults: the package's kernels and every instantiation in ``name_expressions``.
+    ``options``: extra ``-D`` flags, as NVRTC takes them (``_kernels.TUNING_KNOBS``).
     """
     reason = unavailable_reason()
     if reason:
         raise HarnessError(reason)
     kernel_dir = os.path.abspath(kernel_dir or _kernels.KERNEL_DIR)
     cxx = os.environ.get('CXX', 'g++')
-    flags = COMMON_FLAGS + FLAGS[asan] + ['-DSCE_HARNESS_SOURCE="{}"'.format(source)]
+    flags = COMMON_FLAGS + FLAGS[asan] + ['-DSCE_HARNESS_SOURCE="{}"'.format(source)] + list(options)
     includes = [HERE, kernel_dir] + include_dirs()[2:]
     digest = hashlib.sha256()
     for path in sorted(glob.glob(os.path.join(kernel_dir, '*.cu*'))) + [
@@ -230,29 +231,43 @@ def launch(name, grid, block, args, shared_mem=0, seed=None, blocks=None, lib=No
 class _HarnessKernel:
     """Stands in for ``cupy.RawKernel``: the call, and the opt-in attribute for shared memory."""
 
-    def __init__(self, name):
+    def __init__(self, name, lib=None):
         self.name = name
+        self.lib = lib
         self.max_dynamic_shared_size_bytes = DEFAULT_SHARED_LIMIT
 
     def __call__(self, grid, block, args, shared_mem=0):
-        launch(self.name, grid, block, args, shared_mem=shared_mem,
+        launch(self.name, grid, block, args, shared_mem=shared_mem, lib=self.lib,
                max_shared=self.max_dynamic_shared_size_bytes, cluster=_kernels.cluster_size(self.name))
 
 
 class HarnessRuntime:
-    """The CuPy backend's runtime with NumPy arrays and kernels executed on the CPU."""
+    """The CuPy backend's runtime with NumPy arrays and kernels executed on the CPU.
+
+    ``options`` (``-D`` flags) and ``dtypes`` build a library of their own, with only those
+    dtypes' instantiations (a tuning knob's variant); by default the shared ``library()``.
+    """
     xp = numpy
 
-    def __init__(self):
+    def __init__(self, options=(), dtypes=None):
         self.launched = []  # kernel names, in order: tests check which variant ran
         self.kernels = {}
+        self.dtypes = None if dtypes is None else [numpy.dtype(d) for d in dtypes]
+        self.lib = None
+        if options or dtypes is not None:
+            names = [n for dt in (self.dtypes or DTYPES) for n in _kernels.name_expressions(dt)]
+            self.lib = load(build(asan=os.environ.get('CUPY_SCE_HARNESS_ASAN') == '1',
+                                  names=names, options=options))
 
     def kernel(self, dtype, name):
         if name not in _kernels.name_expressions(dtype):
             raise HarnessError('{} is not in _kernels.name_expressions({})'.format(name, numpy.dtype(dtype)))
+        if self.dtypes is not None and numpy.dtype(dtype) not in self.dtypes:
+            raise HarnessError('this runtime was built for {} only, not {}'.format(
+                self.dtypes, numpy.dtype(dtype)))
         self.launched.append(name)
         # one object per kernel, like RawModule.get_function: an opt-in set once stays set
-        return self.kernels.setdefault(name, _HarnessKernel(name))
+        return self.kernels.setdefault(name, _HarnessKernel(name, self.lib))
 
     @staticmethod
     def limits():
