@@ -158,3 +158,22 @@ def test_in_place_redo_still_has_the_logits(axis):
     assert grad is logits
     numpy.testing.assert_allclose(loss, ref_loss, **TIGHT[numpy.float32])
     numpy.testing.assert_allclose(grad, ref_grad, **TIGHT[numpy.float32])
+
+
+@pytest.mark.parametrize('shape', [(33, 20000), (200001, 20)])
+def test_thread_count_does_not_change_the_bits(shape):
+    # the tiles shrink with more threads (at least TILES_PER_THREAD each): 8 rows then a
+    # 1-row tile for 33 x 20000 on one thread, 3 rows on three; every result must be the same
+    rng = numpy.random.default_rng(13)
+    x = (rng.standard_normal(shape) * 3).astype(numpy.float32)
+    label = rng.integers(0, shape[1], (shape[0], 1))
+    results = []
+    try:
+        for n in (1, 2, 3):
+            cupy_sce.set_num_threads(n)
+            results.append(_all_outputs(x, label))
+    finally:
+        cupy_sce.set_num_threads(None)
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            numpy.testing.assert_array_equal(got, want)

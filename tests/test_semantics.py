@@ -262,6 +262,28 @@ def test_zero_classes_with_rows_is_an_error(backend):
 
 # ---------------------------------------------------------------- layouts, inputs untouched (11)
 
+@pytest.mark.parametrize('shape, axis', [((6, 20000), -1), ((5, 300), -1), ((9, 20), -1), ((4, 40, 5), 1)])
+def test_a_row_gives_the_same_bits_in_any_batch(backend, shape, axis):
+    """Batch invariance: a row's loss, softmax and gradient are bit for bit those of the same row
+    computed alone (K = 20000 exceeds NumPy's 8192-element einsum buffer; K = 20 is a
+    transposed tile on the CPU; axis=1 keeps inner = 5, sliced along the outer axis)."""
+    x, label = make_case(numpy.random.default_rng(21), shape, axis)
+    soft_x, soft_label = make_case(numpy.random.default_rng(22), shape, axis, soft=True)
+
+    def outputs(x, label, soft_label):
+        loss, softmax = backend(cupy_sce.softmax_with_cross_entropy, x, label, soft_label=soft_label,
+                                return_softmax=True, axis=axis)
+        loss_fb, grad = backend(cupy_sce.forward_backward, x, label, soft_label=soft_label, axis=axis)
+        return loss, softmax, loss_fb, grad
+
+    for xs, labels, soft in [(x, label, False), (soft_x, soft_label, True)]:
+        batch = outputs(xs, labels, soft)
+        for o in range(shape[0]):
+            alone = outputs(xs[o:o + 1].copy(), labels[o:o + 1].copy(), soft)
+            for got, want in zip(alone, batch):
+                numpy.testing.assert_array_equal(got, want[o:o + 1], err_msg='row {} soft={}'.format(o, soft))
+
+
 def test_non_contiguous_fortran_and_negative_strides(backend):
     rng = numpy.random.default_rng(10)
     base, label = make_case(rng, (6, 9, 5), 1)
