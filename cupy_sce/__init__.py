@@ -2,6 +2,7 @@
 from cupy_sce._api import (  # NOQA
     backward,
     compute_dtype,
+    cross_entropy,
     forward,
     forward_backward,
     gather_label_logit,

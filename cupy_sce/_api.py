@@ -12,6 +12,7 @@ The two backends expose the same functions with the same names
 ``_cupy_backend``.
 """
 import contextlib
+import math
 import operator
 import threading
 
@@ -22,7 +23,7 @@ try:  # CuPy is optional: without it every call runs on the NumPy backend.
 except ImportError:  # pragma: no cover - exercised on machines without CuPy
     cupy = None
 
-from cupy_sce import _numpy_backend
+from cupy_sce import _kernels, _numpy_backend, _probabilities
 
 _FLOAT_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
                  numpy.dtype(numpy.float64))
@@ -136,6 +137,12 @@ def _check_bool(name, value):
     raise TypeError('{} must be a bool, got {!r}'.format(name, value))
 
 
+def _check_real(name, value):
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, float, numpy.integer, numpy.floating)):
+        raise TypeError('{} must be a real number, got {!r}'.format(name, value))
+    return float(value)
+
+
 def _check_int(name, value):
     if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, numpy.integer)):
         raise TypeError('{} must be an int, got {!r}'.format(name, value))
@@ -166,7 +173,8 @@ class _Problem:
     the compute dtype for soft labels.
     """
 
-    def __init__(self, xp, logits, label, soft_label, ignore_index, axis, label_name='label'):
+    def __init__(self, xp, logits, label, soft_label, ignore_index, axis, label_name='label', weight=None,
+                 label_smoothing=0.0, z_loss=0.0, softcap=None):
         _check_logits(logits)
         self.xp = xp
         self.logits = logits
@@ -191,6 +199,30 @@ class _Problem:
         self.label_user = label
         self.label = None if label is None else self._canonical_label(label, label_name)
         self.check_labels = _check_labels_enabled()
+        self._set_features(weight, label_smoothing, z_loss, softcap)
+
+    def _set_features(self, weight, label_smoothing, z_loss, softcap):
+        """The loss family's options, checked; ``features`` is their bit set (_kernels.F_*)."""
+        self.label_smoothing = _check_real('label_smoothing', label_smoothing)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError('label_smoothing must be in [0, 1), got {!r}'.format(label_smoothing))
+        self.z_loss = _check_real('z_loss', z_loss)
+        if not 0.0 <= self.z_loss < math.inf:
+            raise ValueError('z_loss must be a finite number >= 0, got {!r}'.format(z_loss))
+        self.softcap = None if softcap is None else _check_real('softcap', softcap)
+        if self.softcap is not None and not 0.0 < self.softcap < math.inf:
+            raise ValueError('softcap must be a finite number > 0 (or None), got {!r}'.format(softcap))
+        self.weight = self.weight_sum = None
+        if weight is not None:
+            if weight.dtype.kind != 'f':
+                raise TypeError('weight must be a floating array, got {}'.format(weight.dtype))
+            if weight.shape != (self.K,):
+                raise ValueError('weight must be a 1-D array of length K={} (the classes along axis {}), got '
+                                 'shape {}'.format(self.K, self.axis, weight.shape))
+            self.weight = self.xp.ascontiguousarray(weight, dtype=self.acc_dtype)
+            self.weight_sum = self.weight.sum(keepdims=True)
+        self.features = _kernels.feature_bits(self.weight is not None, self.label_smoothing != 0,
+                                              self.z_loss != 0, self.softcap is not None)
 
     def _canonical_label(self, label, name):
         xp = self.xp
@@ -271,6 +303,84 @@ def _prod(values):
 # public functions
 # --------------------------------------------------------------------------
 
+_REDUCTIONS = ('none', 'mean', 'sum')
+
+
+def _check_reduction(reduction):
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError("reduction must be 'none', 'mean' or 'sum', got {!r}".format(reduction))
+    return reduction
+
+
+def _loss_rows(p):
+    """A buffer for the per-row losses: the kernels write them in the compute dtype."""
+    return p.empty((p.outer, p.inner), p.acc_dtype)
+
+
+def _normalizer(p):
+    """The divisor of reduction='mean', from the labels alone (so that a fused backward knows it
+    before the first row): the sum of the row weights of non-ignored rows with ``weight``, else
+    the count of non-ignored rows (hard labels) or of all rows (soft labels).  A 0-d array in the
+    compute dtype, on the problem's device (no host synchronisation)."""
+    xp, acc = p.xp, p.acc_dtype
+    eps = p.label_smoothing
+    if p.soft_label:
+        n = p.outer * p.inner
+        if p.weight is None:
+            return xp.asarray(n, dtype=acc)
+        # sum over rows of sum_k t_k w_k, t = (1 - eps) label + eps / K
+        labelled = xp.einsum('oki,k->', p.label, p.weight)
+        return (1 - eps) * labelled + eps * n * p.weight_sum[0] / p.K
+    counted = p.label != p.ignore_index
+    if p.weight is None:
+        return counted.sum(dtype=acc)
+    # a bad label reads class 0 here (its loss is NaN, or it raises); weight_k of row's target
+    in_range = counted & (p.label >= 0) & (p.label < p.K)
+    row_weight = xp.take(p.weight, xp.where(in_range, p.label, 0))
+    if eps:
+        row_weight = (1 - eps) * row_weight + eps * p.weight_sum[0] / p.K
+    return xp.where(counted, row_weight, 0).sum(dtype=acc)
+
+
+def _shaped_loss(p, loss, reduction):
+    """The loss of forward/forward_backward: per row in the loss shape, or the 0-d reduction."""
+    return loss.reshape(p.loss_shape) if reduction == 'none' else loss
+
+
+def _reduce(p, rows, reduction):
+    """Per-row losses (compute dtype) as the user's output: the logits' dtype, reduced to 0-d for
+    'mean' (0 when the normalizer is 0) and 'sum'.  Sums run in a fixed order (same bits on
+    every run and thread count)."""
+    xp = p.xp
+    if reduction == 'none':
+        return rows.astype(p.dtype, copy=False)
+    total = rows.sum(dtype=p.acc_dtype)
+    if reduction == 'mean':
+        divisor = _normalizer(p)
+        total = xp.where(divisor == 0, xp.zeros((), p.acc_dtype), total / xp.where(divisor == 0, 1, divisor))
+    return xp.asarray(total).astype(p.dtype)
+
+
+def _row_loss_grad(p, loss_grad, reduction):
+    """``loss_grad`` as one value per row (compute dtype; None = ones without reduction).  With
+    'mean' or 'sum' it is a scalar (None = 1) spread over the rows, divided by the normalizer
+    for 'mean' (0 when that is 0)."""
+    if reduction == 'none':
+        return p.loss_grad_rows(loss_grad)
+    xp, acc = p.xp, p.acc_dtype
+    if loss_grad is None:
+        g = xp.ones((), acc)
+    else:
+        if isinstance(loss_grad, (bool, numpy.bool_)) or loss_grad.ndim != 0 or loss_grad.dtype.kind not in 'fiu':
+            raise ValueError("loss_grad must be a scalar (a number or a 0-d array) with reduction={!r}, got "
+                             "{} {}".format(reduction, loss_grad.dtype, loss_grad.shape))
+        g = loss_grad.astype(acc)
+    if reduction == 'mean':
+        divisor = _normalizer(p)
+        g = xp.where(divisor == 0, xp.zeros((), acc), g / xp.where(divisor == 0, 1, divisor))
+    return xp.ascontiguousarray(xp.broadcast_to(g, (p.outer, p.inner)))
+
+
 def softmax_with_cross_entropy(logits, label, soft_label=False, ignore_index=-100,
                                numeric_stable_mode=True, return_softmax=False, axis=-1):
     """Paddle's ``softmax_with_cross_entropy`` on numpy or cupy arrays.
@@ -283,27 +393,77 @@ def softmax_with_cross_entropy(logits, label, soft_label=False, ignore_index=-10
     _check_bool('numeric_stable_mode', numeric_stable_mode)
     return_softmax = _check_bool('return_softmax', return_softmax)
     p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
-    loss = p.empty((p.outer, p.inner), p.dtype)
+    loss = _loss_rows(p)
     softmax = p.empty((p.outer, p.K, p.inner), p.dtype) if return_softmax else None
     p.check(_backend_for(xp).forward_out(p, loss, None, softmax))
-    loss = loss.reshape(p.loss_shape)
+    loss = _reduce(p, loss, 'none').reshape(p.loss_shape)
     if return_softmax:
         return loss, softmax.reshape(p.shape)
     return loss
 
 
-def forward(logits, label, soft_label=False, ignore_index=-100, axis=-1):
+def _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap):
+    """The problem of a loss-family call (checked, canonical)."""
+    return _Problem(xp, logits, label, soft_label, ignore_index, axis, weight=weight,
+                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+
+
+def _check_use_softmax(use_softmax, z_loss, softcap):
+    use_softmax = _check_bool('use_softmax', use_softmax)
+    if not use_softmax and (z_loss != 0 or softcap is not None):
+        raise ValueError('z_loss and softcap need use_softmax=True (they act on logits), got z_loss={!r}, '
+                         'softcap={!r}'.format(z_loss, softcap))
+    return use_softmax
+
+
+def forward(logits, label, soft_label=False, ignore_index=-100, axis=-1, *, weight=None, label_smoothing=0.0,
+            z_loss=0.0, softcap=None, reduction='none', use_softmax=True):
     """Memory-light forward: ``(loss, lse)``; no N*K softmax is kept.
 
-    ``lse`` (log-sum-exp of each row) has the loss's shape and the compute
-    dtype (float32 for float16 logits, so the backward pass keeps precision).
+    ``lse`` (log-sum-exp of each row's logits, soft-capped when ``softcap`` is
+    set) has the shape of the unreduced loss and the compute dtype (float32 for
+    float16 logits, so the backward pass keeps precision).  The features and
+    ``reduction`` are those of :func:`cross_entropy`; the z-loss alone is
+    ``z_loss * lse**2``.  ``use_softmax=False``: ``logits`` hold probabilities
+    and ``lse`` is None.
     """
-    xp, (logits, label) = _as_arrays([('logits', logits), ('label', label)])
-    p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
-    loss = p.empty((p.outer, p.inner), p.dtype)
+    xp, (logits, label, weight) = _as_arrays([('logits', logits), ('label', label), ('weight', weight)])
+    reduction = _check_reduction(reduction)
+    use_softmax = _check_use_softmax(use_softmax, z_loss, softcap)
+    p = _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
+    loss = _loss_rows(p)
+    if not use_softmax:
+        p.check(_probabilities.forward_out(p, loss))
+        return _shaped_loss(p, _reduce(p, loss, reduction), reduction), None
     lse = p.empty((p.outer, p.inner), p.acc_dtype)
     p.check(_backend_for(xp).forward_out(p, loss, lse, None))
-    return loss.reshape(p.loss_shape), lse.reshape(p.loss_shape)
+    return _shaped_loss(p, _reduce(p, loss, reduction), reduction), lse.reshape(p.loss_shape)
+
+
+def cross_entropy(input, label, weight=None, ignore_index=-100, reduction='mean', soft_label=False, axis=-1,
+                  use_softmax=True, label_smoothing=0.0, *, z_loss=0.0, softcap=None):
+    """Paddle's ``paddle.nn.functional.cross_entropy`` on numpy or cupy arrays, plus ``z_loss``
+    (PaLM: each row's loss gains ``z_loss * lse**2``) and ``softcap`` (Gemma 2: the logits become
+    ``softcap * tanh(logits / softcap)`` first).
+
+    ``reduction='none'`` returns the label's shape for hard labels (with or without the size-1
+    class axis, as given) and the input's shape with ``shape[axis] == 1`` for soft labels;
+    'mean' and 'sum' return a 0-d array of the input's dtype.  ``use_softmax=False``: ``input``
+    holds probabilities (see README, Semantics).
+    """
+    xp, (input, label, weight) = _as_arrays([('input', input), ('label', label), ('weight', weight)])
+    reduction = _check_reduction(reduction)
+    use_softmax = _check_use_softmax(use_softmax, z_loss, softcap)
+    p = _family(xp, input, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
+    loss = _loss_rows(p)
+    if use_softmax:
+        p.check(_backend_for(xp).forward_out(p, loss, None, None))
+    else:
+        p.check(_probabilities.forward_out(p, loss))
+    loss = _reduce(p, loss, reduction)
+    if reduction != 'none':
+        return loss
+    return loss.reshape(p.loss_shape if p.soft_label or label.ndim == input.ndim else p.row_shape)
 
 
 def _check_out(p, out, name):
@@ -334,20 +494,32 @@ def _finish_grad(p, grad, target, copy_back):
     return target
 
 
-def backward(loss_grad, logits, lse, label, soft_label=False, ignore_index=-100, axis=-1, out=None):
+def backward(loss_grad, logits, lse, label, soft_label=False, ignore_index=-100, axis=-1, out=None, *,
+             weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None, reduction='none', use_softmax=True):
     """Gradient w.r.t. the logits, recomputing the softmax from ``logits`` and ``lse``.
 
     ``out=logits`` writes the gradient into the logits buffer (the logits are
-    destroyed); ``loss_grad=None`` means ones.
+    destroyed); ``loss_grad=None`` means ones.  With ``reduction`` 'mean' or
+    'sum', ``loss_grad`` is the scalar gradient of the reduced loss.  The
+    features must be those the forward that produced ``lse`` used.
+    ``use_softmax=False``: the gradient w.r.t. the probabilities in ``logits``
+    (``lse`` is not used and may be None).
     """
-    xp, (loss_grad, logits, lse, label, out) = _as_arrays(
-        [('loss_grad', loss_grad), ('logits', logits), ('lse', lse), ('label', label), ('out', out)])
-    p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
-    lse2 = p.row_array(lse, 'lse', p.acc_dtype)
+    xp, (loss_grad, logits, lse, label, out, weight) = _as_arrays(
+        [('loss_grad', loss_grad), ('logits', logits), ('lse', lse), ('label', label), ('out', out),
+         ('weight', weight)])
+    reduction = _check_reduction(reduction)
+    use_softmax = _check_use_softmax(use_softmax, z_loss, softcap)
+    p = _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
+    lse2 = p.row_array(lse, 'lse', p.acc_dtype) if use_softmax else None
+    row_grad = _row_loss_grad(p, loss_grad, reduction)
     grad, target, copy_back = _grad_target(p, out, 'out')
     backend = _backend_for(xp)
     p.reject_bad_labels_before_overwrite(backend, grad)
-    p.check(backend.backward_out(p, p.loss_grad_rows(loss_grad), lse2, None, grad))
+    if use_softmax:
+        p.check(backend.backward_out(p, row_grad, lse2, None, grad))
+    else:
+        p.check(_probabilities.forward_backward_out(p, row_grad, None, grad))
     return _finish_grad(p, grad, target, copy_back)
 
 
@@ -369,22 +541,30 @@ def softmax_with_cross_entropy_grad(loss_grad, softmax, label, soft_label=False,
 
 
 def forward_backward(logits, label, loss_grad=None, soft_label=False, ignore_index=-100, axis=-1,
-                     inplace=False):
+                     inplace=False, *, weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                     reduction='none', use_softmax=True):
     """Loss and gradient from one pass: ``(loss, logits_grad)``.
 
     ``inplace=True`` writes the gradient into ``logits`` (destroying them) and
-    returns that array as ``logits_grad``.
+    returns that array as ``logits_grad``.  Features, ``reduction`` and
+    ``use_softmax`` as in :func:`forward` / :func:`backward`.
     """
-    xp, (logits, label, loss_grad) = _as_arrays(
-        [('logits', logits), ('label', label), ('loss_grad', loss_grad)])
+    xp, (logits, label, loss_grad, weight) = _as_arrays(
+        [('logits', logits), ('label', label), ('loss_grad', loss_grad), ('weight', weight)])
     inplace = _check_bool('inplace', inplace)
-    p = _Problem(xp, logits, label, soft_label, ignore_index, axis)
+    reduction = _check_reduction(reduction)
+    use_softmax = _check_use_softmax(use_softmax, z_loss, softcap)
+    p = _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
+    row_grad = _row_loss_grad(p, loss_grad, reduction)
     grad, target, copy_back = _grad_target(p, logits if inplace else None, 'logits')
     backend = _backend_for(xp)
     p.reject_bad_labels_before_overwrite(backend, grad)
-    loss = p.empty((p.outer, p.inner), p.dtype)
-    p.check(backend.forward_backward_out(p, p.loss_grad_rows(loss_grad), loss, grad))
-    return loss.reshape(p.loss_shape), _finish_grad(p, grad, target, copy_back)
+    loss = _loss_rows(p)
+    if use_softmax:
+        p.check(backend.forward_backward_out(p, row_grad, loss, grad))
+    else:
+        p.check(_probabilities.forward_backward_out(p, row_grad, loss, grad))
+    return _shaped_loss(p, _reduce(p, loss, reduction), reduction), _finish_grad(p, grad, target, copy_back)
 
 
 # --------------------------------------------------------------------------

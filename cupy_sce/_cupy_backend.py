@@ -9,6 +9,8 @@ kernel lookup, pointer addresses, a device-to-host read), so that
 ``cupy_sce.testing.harness`` can run this very host logic with NumPy arrays
 and the kernels compiled for the CPU.
 """
+import typing
+
 import numpy
 
 from cupy_sce import _kernels
@@ -19,32 +21,34 @@ from cupy_sce import _kernels
 # shuffles that merge a row's partial states cost more than the loads they would split.
 #   <= 512 chunks  : a thread (K = 10: no shuffles at all) up to a warp per row
 #   <= 1024 chunks : a warp per row (<= 32 chunks per lane)
-#   larger         : a block of 256 threads per row.  On an H200 (scripts/tune_gpu.py) 256
-#                    beat 512 and 1024 threads per row at K = 128256: float16 forward 0.64 ms
-#                    against 0.91 ms; several small blocks per SM overlap one row's reduction
-#                    with another's loads.
+#   larger         : a block of 256 threads per row: several small blocks per SM overlap one
+#                    row's reduction with another's loads (256 beat 512 and 1024 on an H200,
+#                    docs/performance.md)
 GROUP_TABLE = ((512, None), (1024, 32), (float('inf'), 256))
 CHUNKS_PER_THREAD = 16
-# Strided rows (inner > 1): 32 rows per block, one per lane, and up to COLUMN_SLICES warps that
-# split the classes (about CHUNKS_PER_THREAD classes a thread at least); with one slice, a thread
-# per row.  One thread per row left a (64, 1000, 256) axis=1 problem with 16384 threads in all.
+# Strided rows (inner > 1): COLUMN_ROWS rows per block, one per lane, and up to COLUMN_SLICES
+# warps that split the classes (about CHUNKS_PER_THREAD classes a thread at least); with one
+# slice, a thread per row.
+COLUMN_ROWS = 32  # SCE_COLUMN_ROWS in kernels/sce.cu (the harness reports it; a test compares)
 COLUMN_SLICES = 8
-# Block size when several rows share a block (group size <= 32), and for the strided layout.
+# Block size when several rows share a block (group size <= 32).
 ROWS_BLOCK = 256
 # Dynamic shared memory a launch may use without opting in (cudaFuncAttributeMaxDynamicShared...):
 # the row cache (CACHE_ROW) is used when the block's rows fit in it.
 SHARED_LIMIT = 48 * 1024
-STATE_SLOTS = 33  # RowState<A> slots ahead of the row cache (SCE_STATE_SLOTS in kernels/sce.cu)
+# RowState<A> (kernels/sce_common.cuh): SCE_STATE_FIELDS values of A; STATE_SLOTS of them (warp
+# partials and the cluster slot, SCE_STATE_SLOTS) precede the row cache.  Checked against the
+# compiled code by a test.
+STATE_FIELDS = 6
+STATE_SLOTS = 33
 # With USE_CLUSTERS, a row (a block per row) whose cache does not fit SHARED_LIMIT is split over
 # a thread block cluster (sm_90) of the smallest size whose per-CTA segment fits
 # CLUSTER_SEGMENT_LIMIT (three such CTAs share an SM's 228 KiB), else the opt-in maximum: one
-# read of the row instead of two.  Each CTA has CLUSTER_BLOCK threads.  Off by default: on an
-# H200 (scripts/tune_gpu.py, 2026-11-28, 8192 x 128256 fused forward+backward, median of 5
-# interleaved rounds) clusters took 2.99 ms against 3.20 ms re-reading in float32 but 2.16 ms
-# against 1.69 ms in float16, and at 4096 x 32000 the rounds spread too wide to rank them: with a
-# row split into cached segments each CTA alternates between reading and writing, and three CTAs
-# per SM keep too few loads in flight.  The kernels are compiled, executed on the CPU and on a
-# GPU by the tests.
+# read of the row instead of two.  Each CTA has CLUSTER_BLOCK threads.  Off by default: measured
+# slower than re-reading except for float32 at K = 128256 (docs/performance.md); with a row split
+# into cached segments each CTA alternates between reading and writing, and three CTAs per SM
+# keep too few loads in flight.  The featureless kernels have cluster variants; they are
+# compiled, executed on the CPU and on a GPU by the tests.
 USE_CLUSTERS = False
 CLUSTER_SEGMENT_LIMIT = 64 * 1024
 CLUSTER_BLOCK = 256
@@ -102,10 +106,76 @@ def launch_geometry(n_rows, inner, group, cluster=1):
     group_size_for; with a cluster, a row per cluster of ``cluster`` blocks of ``group``)."""
     if cluster > 1:
         return n_rows * cluster, group
-    if inner != 1 and group > 1:  # columns: 32 rows per block
-        return -(-n_rows // 32), 32 * group
+    if inner != 1 and group > 1:  # columns: COLUMN_ROWS rows per block
+        return -(-n_rows // COLUMN_ROWS), COLUMN_ROWS * group
     block = group if group > 32 else ROWS_BLOCK
     return -(-n_rows // (block // group)), block
+
+
+def state_area_bytes(dtype):
+    """Bytes of the STATE_SLOTS row states ahead of the row cache, rounded up to 16 (the cache
+    holds 16-byte vectors); the kernels' sce::state_area_bytes."""
+    state_bytes = STATE_FIELDS * (8 if numpy.dtype(dtype) == numpy.float64 else 4)
+    return -(-STATE_SLOTS * state_bytes // 16) * 16
+
+
+def shared_mem_bytes(dtype, K, inner, group, cache_row=False, cluster=1, vec=1):
+    """Dynamic shared memory of a cupy_sce_rows launch: the partials of the block reduction
+    (RowState<A>), and the row cache: the block's rows, or with a cluster this CTA's segment of
+    ceil(K / vec / cluster) vectors."""
+    dtype = numpy.dtype(dtype)
+    state_bytes = STATE_FIELDS * (8 if dtype == numpy.float64 else 4)
+    if cluster > 1:
+        return state_area_bytes(dtype) + -(-(K // vec) // cluster) * vec * dtype.itemsize
+    if inner != 1 and group > 1:  # columns: a partial per thread
+        return COLUMN_ROWS * group * state_bytes
+    if cache_row:
+        block = launch_geometry(1, 1, group)[1]
+        return state_area_bytes(dtype) + (block // group) * K * dtype.itemsize
+    return (group // 32) * state_bytes if group > 32 else 0
+
+
+class LaunchPlan(typing.NamedTuple):
+    """One launch of cupy_sce_rows (or cupy_sce_rows_cluster)."""
+    name: str
+    grid: int
+    block: int
+    shared_mem: int
+    group: int       # threads per row (the kernel's group_size argument)
+    cache_row: bool
+    cluster: int     # CTAs per thread block cluster (1: none)
+
+
+def launch_plan(dtype, label_type, op, features, n_rows, K, inner, vec, clusters=(False, 0)):
+    """The launch of operation ``op`` (a key of ``_kernels.OPS``) with feature bits ``features``
+    over ``n_rows`` rows of K classes ``inner`` apart, read ``vec`` elements at a time.  Pure:
+    ``clusters`` is the device's (thread block clusters available, opt-in shared memory)."""
+    group = group_size_for(K, inner, vec)
+    # One read of each row: keep it in shared memory for pass 2 when pass 1 reads x and pass 2
+    # re-reads it (softmax, gradient or soft loss), and the block's rows fit.
+    cacheable = inner == 1 and _kernels._cacheable(op, label_type)
+    cache_row = cacheable and shared_mem_bytes(dtype, K, inner, group, True) <= SHARED_LIMIT
+    cluster = 1
+    if USE_CLUSTERS and cacheable and not cache_row and group > 32 and features == 0 and clusters[0]:
+        # a cluster splits one row, so only where a row has a block of its own
+        cluster = _cluster_size(dtype, K, vec, clusters[1])
+    if cluster > 1:  # a row per cluster, each CTA caching its segment
+        group = CLUSTER_BLOCK
+        name = _kernels.cluster_name(dtype, label_type, op, features, vec, cluster)
+    else:
+        name = _kernels.rows_name(dtype, label_type, op, features, vec, cache_row)
+    grid, block = launch_geometry(n_rows, inner, group, cluster)
+    return LaunchPlan(name, grid, block, shared_mem_bytes(dtype, K, inner, group, cache_row, cluster, vec),
+                      group, cache_row or cluster > 1, cluster)
+
+
+def _cluster_size(dtype, K, vec, optin):
+    """CTAs per cluster for a row cache that does not fit one block's SHARED_LIMIT (1: none)."""
+    for limit in (min(CLUSTER_SEGMENT_LIMIT, optin), optin):
+        for cluster in _kernels.CLUSTER_SIZES:
+            if shared_mem_bytes(dtype, K, 1, CLUSTER_BLOCK, cluster=cluster, vec=vec) <= limit:
+                return cluster
+    return 1
 
 
 class CupyBackend:
@@ -126,46 +196,18 @@ class CupyBackend:
             return 1
         return vec
 
-    @staticmethod
-    def _shared_mem(p, group, cache_row=False, cluster=1, vec=1):
-        """Partials of the block reduction (RowState<A> is 4 values of A), and the row cache: the
-        block's rows, or with a cluster this CTA's segment of ceil(K / vec / cluster) vectors."""
-        state_bytes = 4 * p.acc_dtype.itemsize
-        if cluster > 1:
-            return STATE_SLOTS * state_bytes + -(-(p.K // vec) // cluster) * vec * p.dtype.itemsize
-        if p.inner != 1 and group > 1:  # columns: a partial per thread
-            return 32 * group * state_bytes
-        if cache_row:
-            block = launch_geometry(1, 1, group)[1]
-            return STATE_SLOTS * state_bytes + (block // group) * p.K * p.dtype.itemsize
-        return (group // 32) * state_bytes if group > 32 else 0
-
-    def _cluster_size(self, p, vec):
-        """CTAs per cluster for a row cache that does not fit one block's SHARED_LIMIT (1: none)."""
-        if not USE_CLUSTERS:
-            return 1
-        clusters, optin = self.runtime.limits()
-        if not clusters:
-            return 1
-        for limit in (min(CLUSTER_SEGMENT_LIMIT, optin), optin):
-            for cluster in _kernels.CLUSTER_SIZES:
-                if self._shared_mem(p, CLUSTER_BLOCK, cluster=cluster, vec=vec) <= limit:
-                    return cluster
-        return 1
-
-    def _launch(self, p, name, args, group, shared_mem=None, cluster=1):
-        """Launch ``name`` over all rows of ``p``, ``group`` threads per row (with a cluster: a row
-        per cluster of ``cluster`` blocks of ``group`` threads)."""
-        n_rows = p.outer * p.inner
-        if n_rows == 0:
+    def _execute(self, p, plan, args):
+        """Run a launch plan (nothing to do without rows)."""
+        if p.outer * p.inner == 0:
             return
-        grid, block = launch_geometry(n_rows, p.inner, group, cluster)
-        if shared_mem is None:
-            shared_mem = self._shared_mem(p, group)
-        kernel = self.runtime.kernel(p.dtype, name)
-        if shared_mem > SHARED_LIMIT and kernel.max_dynamic_shared_size_bytes < shared_mem:
-            kernel.max_dynamic_shared_size_bytes = shared_mem  # the opt-in
-        kernel((grid,), (block,), args, shared_mem=shared_mem)
+        kernel = self.runtime.kernel(p.dtype, plan.name)
+        if plan.shared_mem > SHARED_LIMIT and kernel.max_dynamic_shared_size_bytes < plan.shared_mem:
+            kernel.max_dynamic_shared_size_bytes = plan.shared_mem  # the opt-in
+        kernel((plan.grid,), (plan.block,), args, shared_mem=plan.shared_mem)
+
+    def _simple_plan(self, p, name, group):
+        grid, block = launch_geometry(p.outer * p.inner, p.inner, group)
+        return LaunchPlan(name, grid, block, shared_mem_bytes(p.dtype, p.K, p.inner, group), group, False, 1)
 
     def _bad_row_buffer(self, p):
         if p.label is None or p.soft_label or not p.check_labels:
@@ -188,32 +230,26 @@ class CupyBackend:
     def _ptr(array):
         return NULL if array is None else array
 
-    def _fused(self, p, x=None, label=None, softmax_in=None, lse_in=None, loss_grad=None,
-               loss=None, lse=None, softmax=None, grad=None):
-        """Launch ``cupy_sce_fused_rows`` (or ``cupy_sce_fused_cluster``) with the given
+    def _rows(self, p, op, x=None, softmax_in=None, lse_in=None, loss_grad=None, loss=None, lse=None,
+              softmax=None, grad=None):
+        """Launch cupy_sce_rows for operation ``op`` with the problem's features and the given
         inputs/outputs (others null)."""
-        bad_buf = self._bad_row_buffer(p) if label is not None else None
+        labelled = op != 'lse'
+        features = p.features if op in _kernels.FEATURE_OPS else 0
+        bad_buf = self._bad_row_buffer(p) if labelled else None
         vec = self._vec(p, x, softmax_in, softmax, grad)
-        label_type = self._label_type(p) if label is not None else 'int'
-        n_rows = p.outer * p.inner
-        group = group_size_for(p.K, p.inner, vec)
-        # One read of each row: keep it in shared memory for pass 2 when pass 1 reads x and pass 2
-        # re-reads it (softmax, gradient or soft loss), and the block's rows fit.
-        pass2 = softmax is not None or grad is not None or (p.soft_label and loss is not None)
-        cacheable = p.inner == 1 and x is not None and lse_in is None and softmax_in is None and pass2
-        cache_row = cacheable and self._shared_mem(p, group, True) <= SHARED_LIMIT
-        # a cluster splits one row, so only where a row has a block of its own
-        cluster = self._cluster_size(p, vec) if cacheable and not cache_row and group > 32 else 1
-        if cluster > 1:  # a row per cluster, each CTA caching its segment
-            group = CLUSTER_BLOCK
-            name = _kernels.cluster_name(p.dtype, label_type, vec, cluster)
-        else:
-            name = _kernels.fused_name(p.dtype, label_type, vec, cache_row)
-        args = tuple(self._ptr(a) for a in (x, label, softmax_in, lse_in, loss_grad, loss, lse,
-                                            softmax, grad))
-        args += (numpy.int64(n_rows), numpy.int64(p.K), numpy.int64(p.inner),
-                 numpy.int64(p.ignore_index), numpy.int32(group), self._ptr(bad_buf))
-        self._launch(p, name, args, group, self._shared_mem(p, group, cache_row, cluster, vec), cluster)
+        label_type = self._label_type(p) if labelled else 'int'
+        clusters = self.runtime.limits() if USE_CLUSTERS else (False, 0)
+        plan = launch_plan(p.dtype, label_type, op, features, p.outer * p.inner, p.K, p.inner, vec, clusters)
+        acc = p.acc_dtype.type
+        args = tuple(self._ptr(a) for a in (x, p.label if labelled else None, softmax_in, lse_in, loss_grad,
+                                            p.weight if features & _kernels.F_WEIGHT else None,
+                                            p.weight_sum if features & _kernels.F_WEIGHT else None,
+                                            loss, lse, softmax, grad))
+        args += (numpy.int64(p.outer * p.inner), numpy.int64(p.K), numpy.int64(p.inner),
+                 numpy.int64(p.ignore_index), acc(p.label_smoothing), acc(p.z_loss), acc(p.softcap or 0),
+                 numpy.int32(plan.group), self._ptr(bad_buf))
+        self._execute(p, plan, args)
         return self._bad_row(bad_buf)
 
     # ---------------------------------------------------------------- backend interface
@@ -225,12 +261,12 @@ class CupyBackend:
         group = group_size_for(p.K, p.inner, vec) if p.inner == 1 else 1
         args = (p.x, out, numpy.int64(p.outer * p.inner), numpy.int64(p.K), numpy.int64(p.inner),
                 numpy.int32(group))
-        self._launch(p, _kernels.row_max_name(p.dtype, vec), args, group)
+        self._execute(p, self._simple_plan(p, _kernels.row_max_name(p.dtype, vec), group), args)
         return out
 
     def logsumexp(self, p):
         out = self.xp.empty((p.outer, p.inner), p.acc_dtype)
-        self._fused(p, x=p.x, lse=out)
+        self._rows(p, 'lse', x=p.x, lse=out)
         return out
 
     def gather_label_logit(self, p):
@@ -241,16 +277,20 @@ class CupyBackend:
                 numpy.int64(p.inner), numpy.int64(p.ignore_index), self._ptr(bad_buf))
         name = _kernels.gather_name(p.dtype, _kernels.LABEL_TYPE[p.label.dtype])
         # one thread per row: group size 1 with the rows-per-block geometry
-        self._launch(p, name, args, group=1)
+        self._execute(p, self._simple_plan(p, name, 1), args)
         return out, self._bad_row(bad_buf)
 
     def forward_out(self, p, loss, lse, softmax):
-        return self._fused(p, x=p.x, label=p.label, loss=loss, lse=lse, softmax=softmax)
+        """``loss`` (rows, compute dtype), ``lse`` (may be None), ``softmax`` (None, or only
+        without features: Paddle's op)."""
+        if softmax is not None:
+            return self._rows(p, 'forward_softmax', x=p.x, loss=loss, lse=lse, softmax=softmax)
+        return self._rows(p, 'forward', x=p.x, loss=loss, lse=lse)
 
     def backward_out(self, p, loss_grad, lse, softmax, grad):
         if softmax is not None:
-            return self._fused(p, label=p.label, softmax_in=softmax, loss_grad=loss_grad, grad=grad)
-        return self._fused(p, x=p.x, label=p.label, lse_in=lse, loss_grad=loss_grad, grad=grad)
+            return self._rows(p, 'backward_softmax', softmax_in=softmax, loss_grad=loss_grad, grad=grad)
+        return self._rows(p, 'backward_lse', x=p.x, lse_in=lse, loss_grad=loss_grad, grad=grad)
 
     def forward_backward_out(self, p, loss_grad, loss, grad):
-        return self._fused(p, x=p.x, label=p.label, loss_grad=loss_grad, loss=loss, grad=grad)
+        return self._rows(p, 'forward_backward', x=p.x, loss_grad=loss_grad, loss=loss, grad=grad)

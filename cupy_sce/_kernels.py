@@ -24,24 +24,64 @@ def vector_width(dtype):
     return 16 // numpy.dtype(dtype).itemsize
 
 
-def fused_name(dtype, label_type, vec, cache_row=False):
-    return 'cupy_sce_fused_rows<{}, {}, {}, {}>'.format(
-        CUDA_TYPE[numpy.dtype(dtype)], label_type, vec, 'true' if cache_row else 'false')
+# The operations of cupy_sce_rows (sce::Op in kernels/sce.cu), by the name the backends use.
+OPS = {
+    'lse': 'sce::OP_LSE',
+    'forward': 'sce::OP_FORWARD',
+    'forward_softmax': 'sce::OP_FORWARD_SOFTMAX',
+    'forward_backward': 'sce::OP_FORWARD_BACKWARD',
+    'backward_lse': 'sce::OP_BACKWARD_LSE',
+    'backward_softmax': 'sce::OP_BACKWARD_SOFTMAX',
+}
+# Optional features (sce::Feature bits): a kernel variant per set, so that none is paid for unused.
+F_WEIGHT, F_SMOOTH, F_ZLOSS, F_SOFTCAP = 1, 2, 4, 8
+ALL_FEATURES = F_WEIGHT | F_SMOOTH | F_ZLOSS | F_SOFTCAP
+# Operations that take the features (the others are Paddle's two ops and the lse building block).
+FEATURE_OPS = ('forward', 'forward_backward', 'backward_lse')
+# Operations whose pass 2 can read the row from pass 1's shared-memory cache.
+CACHE_OPS = ('forward_softmax', 'forward_backward')
 
 
-CLUSTER_SIZES = (2, 4, 8)  # thread block clusters of cupy_sce_fused_cluster (8: the portable maximum)
+def feature_bits(weight=False, smoothing=False, z_loss=False, softcap=False):
+    return ((F_WEIGHT if weight else 0) | (F_SMOOTH if smoothing else 0) | (F_ZLOSS if z_loss else 0)
+            | (F_SOFTCAP if softcap else 0))
 
 
-def cluster_name(dtype, label_type, vec, cluster):
-    return 'cupy_sce_fused_cluster<{}, {}, {}, {}>'.format(
-        CUDA_TYPE[numpy.dtype(dtype)], label_type, vec, cluster)
+def _cacheable(op, label_type):
+    return op in CACHE_OPS or (op == 'forward' and label_type in ACC_TYPE.values())
+
+
+def rows_name(dtype, label_type, op, features, vec, cache_row=False):
+    return 'cupy_sce_rows<{}, {}, {}, {}, {}, {}>'.format(
+        CUDA_TYPE[numpy.dtype(dtype)], label_type, OPS[op], int(features), vec, 'true' if cache_row else 'false')
+
+
+CLUSTER_SIZES = (2, 4, 8)  # thread block clusters of cupy_sce_rows_cluster (8: the portable maximum)
+
+
+def cluster_name(dtype, label_type, op, features, vec, cluster):
+    return 'cupy_sce_rows_cluster<{}, {}, {}, {}, {}, {}>'.format(
+        CUDA_TYPE[numpy.dtype(dtype)], label_type, OPS[op], int(features), vec, cluster)
+
+
+def _template_args(name):
+    return [a.strip() for a in name[name.index('<') + 1:name.rindex('>')].split(',')]
 
 
 def cluster_size(name):
     """CTAs per thread block cluster of the kernel ``name`` (1 for kernels without clusters)."""
-    if not name.startswith('cupy_sce_fused_cluster<'):
+    if not name.startswith('cupy_sce_rows_cluster<'):
         return 1
-    return int(name.rstrip('>').rsplit(',', 1)[1])
+    return int(_template_args(name)[-1])
+
+
+def module_key(name):
+    """The lazily compiled module that holds ``name``: its (operation, features), or the kernel's
+    own name for the building blocks.  One module per key and dtype."""
+    if name.startswith('cupy_sce_rows'):
+        args = _template_args(name)
+        return args[2], int(args[3])
+    return name[:name.index('<')]
 
 
 def row_max_name(dtype, vec):
@@ -58,13 +98,31 @@ def label_types(dtype):
 
 
 def name_expressions(dtype):
-    """Every instantiation the backend can launch for logits of ``dtype``."""
+    """Every instantiation the backend can launch for logits of ``dtype``: per operation, label
+    type, feature set (FEATURE_OPS: all 16; the others none), VEC (1 and 16 bytes) and row cache;
+    the cluster kernels for the featureless ops that cache; the building blocks."""
     vecs = (1, vector_width(dtype))
-    names = [fused_name(dtype, lt, v, c) for lt in label_types(dtype) for v in vecs for c in (False, True)]
-    names += [cluster_name(dtype, lt, v, c) for lt in label_types(dtype) for v in vecs for c in CLUSTER_SIZES]
+    names = []
+    for op in OPS:
+        for lt in (['int'] if op == 'lse' else label_types(dtype)):
+            caches = (False, True) if _cacheable(op, lt) else (False,)
+            for features in (range(ALL_FEATURES + 1) if op in FEATURE_OPS else (0,)):
+                names += [rows_name(dtype, lt, op, features, v, c) for v in vecs for c in caches]
+    for op in OPS:
+        for lt in label_types(dtype):
+            if op != 'lse' and _cacheable(op, lt):
+                names += [cluster_name(dtype, lt, op, 0, v, c) for v in vecs for c in CLUSTER_SIZES]
     names += [row_max_name(dtype, v) for v in vecs]
     names += [gather_name(dtype, lt) for lt in LABEL_TYPE.values()]
     return names
+
+
+def modules(dtype):
+    """``name_expressions(dtype)`` grouped by ``module_key``: {key: [names]}, in list order."""
+    groups = {}
+    for name in name_expressions(dtype):
+        groups.setdefault(module_key(name), []).append(name)
+    return groups
 
 
 def read_source(name=MAIN_SOURCE):
@@ -112,29 +170,33 @@ except ImportError:  # pragma: no cover
     cupy = None
 
 if cupy is not None:
-    def raw_module(dtype, extra_options=()):
-        """A ``cupy.RawModule`` with every instantiation for ``dtype`` (``extra_options``: e.g. the
-        ``-D`` tuning knobs of kernels/sce.cu, as scripts/tune_gpu.py passes them)."""
+    def raw_module(dtype, extra_options=(), names=None):
+        """A ``cupy.RawModule`` with the instantiations ``names`` (default: every one for ``dtype``);
+        ``extra_options``: e.g. the ``-D`` tuning knobs of kernels/sce.cu, as scripts/tune_gpu.py
+        passes them."""
         return cupy.RawModule(code=read_source(), options=nvrtc_options() + tuple(extra_options),
-                              name_expressions=name_expressions(dtype))
+                              name_expressions=list(names or name_expressions(dtype)))
 
     @cupy.memoize(for_each_device=True)
-    def _module(dtype_char):
-        return raw_module(numpy.dtype(dtype_char))
+    def _module(dtype_char, key):
+        return raw_module(numpy.dtype(dtype_char), names=modules(numpy.dtype(dtype_char))[key])
 
     def get_function(dtype, name):
-        """The kernel ``name`` (one of ``name_expressions(dtype)``) on the current device."""
-        return _module(numpy.dtype(dtype).char).get_function(name)
+        """The kernel ``name`` (one of ``name_expressions(dtype)``) on the current device; its module
+        (see ``module_key``) is compiled on first use."""
+        return _module(numpy.dtype(dtype).char, module_key(name)).get_function(name)
 
 
-def nvrtc_compile(dtype, arch, extra_options=(), want_log=False):
-    """Compile every instantiation for ``dtype`` with NVRTC for ``arch`` (e.g. 'compute_90').
+def nvrtc_compile(dtype, arch, extra_options=(), want_log=False, names=None, want_lowered=False):
+    """Compile the instantiations ``names`` (default: every one for ``dtype``) with NVRTC for
+    ``arch`` (e.g. 'compute_90').
 
     Needs no GPU.  Returns the PTX (compute_*) or the cubin (sm_*), and with
-    ``want_log`` also the compiler log; raises ``RuntimeError`` with the log on error.
+    ``want_log`` also the compiler log, with ``want_lowered`` also {name: mangled name}; raises
+    ``RuntimeError`` with the log on error.
     """
     from cupy.cuda import nvrtc
-    names = name_expressions(dtype)
+    names = list(names or name_expressions(dtype))
     prog = nvrtc.createProgram(read_source(), MAIN_SOURCE, [], [])
     try:
         for name in names:
@@ -144,18 +206,18 @@ def nvrtc_compile(dtype, arch, extra_options=(), want_log=False):
         except nvrtc.NVRTCError as exc:
             raise RuntimeError('NVRTC failed for {} ({}):\n{}'.format(
                 arch, numpy.dtype(dtype), nvrtc.getProgramLog(prog))) from exc
-        for name in names:
-            nvrtc.getLoweredName(prog, name)  # raises if an instantiation is missing
+        lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}  # raises if one is missing
         code = nvrtc.getCUBIN(prog) if arch.startswith('sm_') else nvrtc.getPTX(prog)
-        return (code, nvrtc.getProgramLog(prog)) if want_log else code
+        result = (code,) + ((nvrtc.getProgramLog(prog),) if want_log else ()) + ((lowered,) if want_lowered else ())
+        return result if len(result) > 1 else code
     finally:
         nvrtc.destroyProgram(prog)
 
 
-def register_usage(dtype, arch):
+def register_usage(dtype, arch, names=None):
     """{mangled kernel name: registers per thread} from ptxas (run by NVRTC for an sm_* arch)."""
     import re
-    _, log = nvrtc_compile(dtype, arch, ['--ptxas-options=-v'], want_log=True)
+    _, log = nvrtc_compile(dtype, arch, ('--ptxas-options=-v',), want_log=True, names=names)
     usage, entry = {}, None
     for line in log.splitlines():
         found = re.search(r"Compiling entry function '(\w+)'", line)

@@ -115,6 +115,14 @@ class _Block:
         self.p, self.o0, self.o1, self.i0, self.i1 = p, o0, o1, i0, i1
         self.transposed = transposed
         self.x = self.full(p.x, 'x')
+        if p.softcap is not None:
+            # y = softcap * tanh(x / softcap) replaces x in every step (into scratch: the
+            # logits are never modified, and an in-place gradient may overwrite their tile)
+            y = _scratch('cap', self.x.shape, p.acc_dtype) if numpy.may_share_memory(self.x, p.x) else self.x
+            numpy.divide(self.x, p.softcap, out=y)
+            numpy.tanh(y, out=y)
+            y *= p.softcap
+            self.x = y
 
     def full(self, arr, slot):
         view = arr[self.o0:self.o1, :, self.i0:self.i1]
@@ -379,30 +387,100 @@ class _TileLabels:
             return tile.reshape(-1).take(self.flat).reshape(self.index.shape)
         return numpy.take_along_axis(tile, self.index, axis=1)
 
-    def loss(self, shift, log_sum_exp):
+    def cross_entropy(self, shift, log_sum_exp):
         """Step 4 (hard): ``lse - x[label]`` as ``log_sum_exp + (shift - x[label])``, which stays
-        exact where lse would first be rounded; 0 when ignored, NaN for an unchecked bad label."""
-        loss = log_sum_exp + (shift - self.picked)
-        if self.ignored is not None:
-            loss[self.ignored] = 0
-        if self.bad is not None:
-            loss[self.bad] = numpy.nan
-        return loss
+        exact where lse would first be rounded (masked by ``mask_rows``)."""
+        return log_sum_exp + (shift - self.picked)
 
-    def finish_gradient(self, tile, label_prob, g):
-        """Step 5's label term on a tile holding ``softmax * g``: ``tile[label] = (softmax[label]
-        - 1) * g``, formed in the compute dtype from the label's own probability (no float16
-        ``softmax - 1`` cancellation); ignored rows become 0 and unchecked bad rows NaN
-        (selected, not multiplied: their logits may be NaN or inf)."""
-        value = (label_prob - 1) * g
+    def mask_rows(self, rows):
+        """Ignored rows become 0, unchecked bad rows NaN (selected, not multiplied: their logits
+        may be NaN or inf); ``rows`` is a row-shaped or tile-shaped array, changed in place."""
+        if self.ignored is not None:
+            numpy.copyto(rows, 0, where=self.ignored)
+        if self.bad is not None:
+            numpy.copyto(rows, numpy.nan, where=self.bad)
+        return rows
+
+    def put_label_gradient(self, tile, value):
+        """``tile[label] = value`` (per row) in a tile-shaped array."""
         if self.flat is not None and tile.flags.c_contiguous:
             tile.reshape(-1)[self.flat] = numpy.broadcast_to(value, self.index.shape).reshape(-1)
         else:
             numpy.put_along_axis(tile, self.index, value, axis=1)
-        if self.ignored is not None:
-            numpy.copyto(tile, 0, where=self.ignored)
-        if self.bad is not None:
-            numpy.copyto(tile, numpy.nan, where=self.bad)
+
+
+class _Family:
+    """The loss family's terms of one tile: the target ``t`` (one-hot or soft label, smoothed),
+    the row weight ``w`` (Paddle's ``sum_k t_k weight_k``) and the z-loss, as in the kernels'
+    ``row_terms``.  A feature that is off costs nothing here: its term is None (or 1)."""
+
+    def __init__(self, b, labels):
+        p = b.p
+        self.p = p
+        self.eps = p.label_smoothing
+        self.target = None
+        if p.soft_label:
+            soft = b.full(p.label, 'soft')
+            if self.eps:  # t = (1 - eps) * label + eps / K, never written into the caller's label
+                target = _scratch('target', soft.shape, p.acc_dtype)
+                numpy.multiply(soft, 1 - self.eps, out=target)
+                target += self.eps / p.K
+                soft = target
+            self.target = soft
+        self.weight = None  # per row
+        if p.weight is not None:
+            if p.soft_label:
+                weighted = numpy.multiply(self.target, p.weight.reshape(1, -1, 1),
+                                          out=_scratch('terms', b.x.shape, p.acc_dtype))
+                self.weight = _row_sum(weighted)
+            else:
+                self.weight = p.weight[labels.index]
+                if self.eps:
+                    self.weight = (1 - self.eps) * self.weight + self.eps * (p.weight_sum[0] / p.K)
+
+    def target_sum(self):
+        """``sum_k t_k``: 1 for hard labels, ``(1 - eps) sum_k label_k + eps`` for soft ones."""
+        return 1 if self.target is None else _row_sum(self.target)
+
+    def prob_scale(self, lse):
+        """What softmax_k is multiplied by in the gradient: ``sum_k t_k + 2 z lse``."""
+        total = self.target_sum()
+        return total + (2 * self.p.z_loss) * lse if self.p.z_loss else total
+
+    def grad_scale(self, g):
+        """``loss_grad * w`` per row (``g`` may be the scalar 1)."""
+        return g if self.weight is None else g * self.weight
+
+    def finish_loss(self, ce, lse):
+        """The row loss from its cross-entropy term: ``w * (ce + z lse**2)``."""
+        if self.p.z_loss:
+            ce = ce + self.p.z_loss * lse * lse
+        return ce if self.weight is None else ce * self.weight
+
+    def smoothed_hard_loss(self, b, ce, shift, log_sum_exp):
+        """Hard labels with smoothing: ``(1 - eps) ce + eps (lse - mean_k y_k)``."""
+        if not self.eps:
+            return ce
+        return (1 - self.eps) * ce + self.eps * (log_sum_exp + (shift - _row_sum(b.x) / b.p.K))
+
+    def hard_gradient(self, b, labels, tile, label_prob, scale, gw):
+        """Step 5's label terms on a tile holding ``softmax * scale * gw`` (``scale``: ``prob_scale``): subtract the
+        target ``((1 - eps) [k == label] + eps / K) * gw``, the label's term formed in the compute
+        dtype from the label's own probability (no float16 ``softmax - 1`` cancellation)."""
+        if self.eps:
+            tile -= (self.eps / b.p.K) * gw
+        label_target = (1 - self.eps) + self.eps / b.p.K
+        labels.put_label_gradient(tile, (label_prob * scale - label_target) * gw)
+
+
+def _cap_slope(b, tile):
+    """``tile *= dy/dx`` under a soft cap: ``1 - tanh(x / c)**2 = (1 - y / c)(1 + y / c)``."""
+    c = b.p.softcap
+    if c is None:
+        return
+    t = numpy.divide(b.x, c, out=_scratch('slope', b.x.shape, b.p.acc_dtype))
+    tile *= 1 - t
+    tile *= 1 + t
 
 
 def _labels_clean(p):
@@ -430,26 +508,26 @@ def _first_bad_row(b, bad):
     return (b.o0 + flat // ib) * b.p.inner + b.i0 + flat % ib
 
 
-def _soft_terms(b, shift, log_sum_exp, prob, loss_grad, grad):
-    """Steps 4-5 (soft) on a tile: the loss ``sum_k l_k * (lse - x_k)`` (a zero label adds 0
-    even at x_k = -inf) and, into ``grad``, ``(softmax * sum_k(l_k) - l) * loss_grad``."""
+def _soft_terms(b, fam, shift, log_sum_exp, prob, scale, gw, grad):
+    """Steps 4-5 (soft) on a tile: the cross-entropy term ``sum_k t_k * (lse - y_k)`` (a zero
+    target adds 0 even at y_k = -inf) and, into ``grad``, ``(softmax * scale - t) * gw``
+    (``scale``: ``fam.prob_scale``)."""
     p = b.p
-    soft = b.full(p.label, 'soft')
-    loss = None
+    target = fam.target
+    ce = None
     if shift is not None:
         terms = _scratch('terms', b.x.shape, p.acc_dtype)
         numpy.subtract(shift, b.x, out=terms)
         terms += log_sum_exp
-        terms *= soft
-        terms[soft == 0] = 0
-        loss = _row_sum(terms)
+        terms *= target
+        terms[target == 0] = 0
+        ce = _row_sum(terms)
     if grad is not None:
-        g = 1 if loss_grad is None else b.rows(loss_grad)
-        # d/dx_k sum_j l_j (lse - x_j) = softmax_k * sum_j(l_j) - l_k
-        numpy.multiply(prob, _row_sum(soft) * g, out=grad)
-        # soft may be a view of the caller's label: never scale it in place
-        grad -= numpy.multiply(soft, g, out=_scratch('terms', b.x.shape, p.acc_dtype))
-    return loss
+        # d/dy_k [sum_j t_j (lse - y_j) + z lse^2] = softmax_k * (sum_j t_j + 2 z lse) - t_k
+        numpy.multiply(prob, scale * gw, out=grad)
+        # target may be a view of the caller's label: never scale it in place
+        grad -= numpy.multiply(target, gw, out=_scratch('terms', b.x.shape, p.acc_dtype))
+    return ce
 
 
 # --------------------------------------------------------------------------
@@ -492,19 +570,25 @@ def gather_label_logit(p):
 
 @_quiet
 def forward_out(p, loss, lse, softmax):
-    """Loss (and lse, and the softmax, when those buffers are given) into the given buffers."""
+    """Loss rows (compute dtype), and lse and the softmax when those buffers are given (the
+    softmax only without features: Paddle's op)."""
     clean = _labels_clean(p)
 
     def body(b):
         labels = None if p.soft_label else _TileLabels(b, clean)
+        fam = _Family(b, labels)
         tile = b.work(softmax, 'exp')
         sums = _exp_sum(b.x, tile, labels, shift_by_max=p.soft_label)
+        row_lse = sums.shift + sums.log_sum_exp
         if lse is not None:
-            b.put_rows(lse, sums.shift + sums.log_sum_exp)
+            b.put_rows(lse, row_lse)
         if p.soft_label:
-            b.put_rows(loss, _soft_terms(b, sums.shift, sums.log_sum_exp, None, None, None))
+            ce = _soft_terms(b, fam, sums.shift, sums.log_sum_exp, None, None, None, None)
         else:
-            b.put_rows(loss, labels.loss(sums.shift, sums.log_sum_exp))
+            ce = fam.smoothed_hard_loss(b, labels.cross_entropy(sums.shift, sums.log_sum_exp), sums.shift,
+                                        sums.log_sum_exp)
+        row_loss = fam.finish_loss(ce, row_lse)
+        b.put_rows(loss, row_loss if labels is None else labels.mask_rows(row_loss))
         if softmax is not None:
             # divided, not scaled by 1/sum: a row whose other terms underflow gives exactly 1
             # from an unshifted exp(x) too (slower than the product, but only this output)
@@ -523,26 +607,39 @@ def backward_out(p, loss_grad, lse, softmax, grad):
 
     def body(b):
         labels = None if p.soft_label else _TileLabels(b, clean)
+        fam = _Family(b, labels)
         tile = b.work(grad, 'grad', alias_ok=not p.soft_label)
         g = 1 if loss_grad is None else b.rows(loss_grad)
-        # None: no scaling (soft labels: _soft_terms applies loss_grad itself)
-        scale = None if p.soft_label or loss_grad is None else g
+        gw = fam.grad_scale(g)
+        row_lse = None if softmax is not None else b.rows(lse)
+        scale = fam.prob_scale(row_lse)
+        # soft labels: _soft_terms applies the scales itself
+        tile_scale = None if p.soft_label else _times(scale, gw)
         if softmax is None:
-            row_lse = b.rows(lse)
-            _exp_minus_lse(b.x, row_lse, tile, scale)
+            _exp_minus_lse(b.x, row_lse, tile, tile_scale)
         else:
             if tile is not b.x:
                 numpy.copyto(tile, b.x)
-            if scale is not None:
-                tile *= scale
+            if tile_scale is not None:
+                tile *= tile_scale
         if p.soft_label:
-            _soft_terms(b, None, None, tile, loss_grad, tile)
+            _soft_terms(b, fam, None, None, tile, scale, gw, tile)
         else:
             label_prob = labels.picked if softmax is not None else numpy.exp(labels.picked - row_lse)
-            labels.finish_gradient(tile, label_prob, g)
+            fam.hard_gradient(b, labels, tile, label_prob, scale, gw)
+        _cap_slope(b, tile)
+        if labels is not None:
+            labels.mask_rows(tile)
         b.put_full(grad, tile)
         return None if labels is None else labels.bad_row
     return _for_each_block(p, body)
+
+
+def _times(a, b):
+    """``a * b`` where either may be the scalar 1 (then None when both are: no scaling)."""
+    if isinstance(a, int) and a == 1:
+        return None if isinstance(b, int) and b == 1 else b
+    return a if isinstance(b, int) and b == 1 else a * b
 
 
 @_quiet
@@ -552,18 +649,30 @@ def forward_backward_out(p, loss_grad, loss, grad):
 
     def body(b):
         labels = None if p.soft_label else _TileLabels(b, clean)
+        fam = _Family(b, labels)
         tile = b.work(grad, 'grad', alias_ok=not p.soft_label)
         # in place the exponentials go to scratch: _exp_sum may need x again
         exp_tile = _scratch('exp', b.x.shape, p.acc_dtype) if numpy.may_share_memory(tile, b.x) else tile
         sums = _exp_sum(b.x, exp_tile, labels, shift_by_max=p.soft_label)
+        row_lse = sums.shift + sums.log_sum_exp
         g = 1 if loss_grad is None else b.rows(loss_grad)
+        gw = fam.grad_scale(g)
+        scale = fam.prob_scale(row_lse)
         if p.soft_label:
-            tile *= 1 / sums.tile_sum
-            b.put_rows(loss, _soft_terms(b, sums.shift, sums.log_sum_exp, tile, loss_grad, tile))
+            numpy.multiply(exp_tile, 1 / sums.tile_sum, out=tile)  # the softmax
+            ce = _soft_terms(b, fam, sums.shift, sums.log_sum_exp, tile, scale, gw, tile)
+            b.put_rows(loss, fam.finish_loss(ce, row_lse))
         else:
-            b.put_rows(loss, labels.loss(sums.shift, sums.log_sum_exp))
-            numpy.multiply(exp_tile, g / sums.tile_sum, out=tile)  # softmax * loss_grad
-            labels.finish_gradient(tile, numpy.exp((labels.picked - sums.shift) - sums.log_sum_exp), g)
+            ce = fam.smoothed_hard_loss(b, labels.cross_entropy(sums.shift, sums.log_sum_exp), sums.shift,
+                                        sums.log_sum_exp)
+            b.put_rows(loss, labels.mask_rows(fam.finish_loss(ce, row_lse)))
+            tile_scale = _times(scale, gw)
+            numpy.multiply(exp_tile, (1 if tile_scale is None else tile_scale) / sums.tile_sum, out=tile)
+            fam.hard_gradient(b, labels, tile, numpy.exp((labels.picked - sums.shift) - sums.log_sum_exp), scale,
+                              gw)
+        _cap_slope(b, tile)
+        if labels is not None:
+            labels.mask_rows(tile)
         b.put_full(grad, tile)
         return None if labels is None else labels.bad_row
     return _for_each_block(p, body)

@@ -39,37 +39,57 @@ def _make_inputs(rng, shape, axis, soft_label, ignore_index, normalized):
     return x, label, loss_grad
 
 
-def analytic_gradient(xp, x, label, loss_grad, soft_label, ignore_index, axis, path):
-    """The gradient of ``sum(loss * loss_grad)`` by one of the backward ``PATHS``."""
+def analytic_gradient(xp, x, label, loss_grad, soft_label, ignore_index, axis, path, family=None):
+    """The gradient of ``sum(loss * loss_grad)`` by one of the backward ``PATHS``; ``family``:
+    the loss-family keywords (weight, label_smoothing, z_loss, softcap, reduction)."""
     kw = dict(soft_label=soft_label, ignore_index=ignore_index, axis=axis)
+    family = family or {}
     if path == 'softmax':
+        if family:
+            raise ValueError("path 'softmax' is Paddle's grad op: it takes no loss-family options")
         _, softmax = cupy_sce.softmax_with_cross_entropy(x, label, return_softmax=True, **kw)
         return cupy_sce.softmax_with_cross_entropy_grad(loss_grad, softmax, label, **kw)
     if path == 'lse':
-        _, lse = cupy_sce.forward(x, label, **kw)
-        return cupy_sce.backward(loss_grad, x, lse, label, **kw)
+        _, lse = cupy_sce.forward(x, label, **kw, **family)
+        return cupy_sce.backward(loss_grad, x, lse, label, **kw, **family)
     if path == 'fused':
-        return cupy_sce.forward_backward(x, label, loss_grad, **kw)[1]
+        return cupy_sce.forward_backward(x, label, loss_grad, **kw, **family)[1]
     raise ValueError('path must be one of {}, got {!r}'.format(PATHS, path))
 
 
 def check_gradient(shape, axis=-1, soft_label=False, ignore_index=-100, path='lse', xp=numpy,
-                   normalized=True, seed=0, eps=1e-6, atol=1e-6, rtol=1e-5):
+                   normalized=True, seed=0, eps=1e-6, atol=1e-6, rtol=1e-5, weight=False, label_smoothing=0.0,
+                   z_loss=0.0, softcap=None, reduction='none'):
     """Compare the analytic gradient with central differences (float64).
 
-    ``xp`` picks the backend (``numpy`` or ``cupy``).  Returns a
-    ``GradcheckResult(max_abs_err, max_rel_err, passed)``; an element passes
-    when ``|analytic - numeric| <= atol + rtol * |numeric|``.
+    ``xp`` picks the backend (``numpy`` or ``cupy``).  The loss-family options are those of
+    ``cupy_sce.forward`` (``weight=True``: random class weights in [0.5, 2)); with reduction
+    'mean' or 'sum' the loss is a scalar and ``loss_grad`` a random scalar.  Returns a
+    ``GradcheckResult(max_abs_err, max_rel_err, passed)``; an element passes when ``|analytic -
+    numeric| <= atol + rtol * |numeric|``.
     """
     rng = numpy.random.default_rng(seed)
     x, label, loss_grad = _make_inputs(rng, tuple(shape), axis, soft_label, ignore_index,
                                        normalized)
+    family = {}
+    if weight:
+        family['weight'] = xp.asarray(rng.uniform(0.5, 2.0, shape[axis]))
+    for key, value, off in (('label_smoothing', label_smoothing, 0.0), ('z_loss', z_loss, 0.0),
+                            ('softcap', softcap, None), ('reduction', reduction, 'none')):
+        if value != off:
+            family[key] = value
+    if reduction != 'none':
+        loss_grad = numpy.asarray(rng.uniform(0.5, 2.0))
     kw = dict(soft_label=soft_label, ignore_index=ignore_index, axis=axis)
     x_dev, label_dev, g_dev = xp.asarray(x), xp.asarray(label), xp.asarray(loss_grad)
-    analytic = numpy.asarray(_to_host(analytic_gradient(xp, x_dev, label_dev, g_dev, path=path, **kw)))
+    analytic = numpy.asarray(_to_host(analytic_gradient(xp, x_dev, label_dev, g_dev, path=path, family=family,
+                                                        **kw)))
 
     def objective(values):
-        loss = cupy_sce.softmax_with_cross_entropy(xp.asarray(values), label_dev, **kw)
+        if family:
+            loss = cupy_sce.forward(xp.asarray(values), label_dev, **kw, **family)[0]
+        else:
+            loss = cupy_sce.softmax_with_cross_entropy(xp.asarray(values), label_dev, **kw)
         return float((_to_host(loss) * loss_grad).sum())
 
     numeric = numpy.empty_like(x)
@@ -112,4 +132,16 @@ def default_cases():
                           dict(shape=shape, axis=axis, path=path, soft_label=True,
                                normalized=False)))
     cases.append(('hard K=1 (4, 1) lse', dict(shape=(4, 1), path='lse')))
+    # the loss family: each feature alone and all together, each reduction, both backward paths
+    features = [('weight', dict(weight=True)), ('smoothing', dict(label_smoothing=0.2)),
+                ('z-loss', dict(z_loss=0.05)), ('softcap', dict(softcap=1.5)),
+                ('all', dict(weight=True, label_smoothing=0.2, z_loss=0.05, softcap=1.5))]
+    for feature, options in features:
+        for reduction in ('none', 'mean', 'sum'):
+            for soft_label, (shape, axis) in ((False, ((6, 5), -1)), (True, ((3, 4, 5), 1))):
+                for path in ('lse', 'fused'):
+                    cases.append(('{} {} {} {} axis={} {}'.format(
+                        feature, reduction, 'soft' if soft_label else 'hard', shape, axis, path),
+                        dict(shape=shape, axis=axis, path=path, soft_label=soft_label,
+                             ignore_index=-100 if soft_label else 2, reduction=reduction, **options)))
     return cases

@@ -260,6 +260,18 @@ def cpu_model():
     return platform.processor() or 'unknown CPU'
 
 
+def report_skipped_peers(device):
+    """Say once, at the start of a run, which peers will be missing from the ratios and why."""
+    try:
+        import torch
+    except ImportError as exc:
+        why = 'not installed' if isinstance(exc, ModuleNotFoundError) else 'import failed'
+        print('# peer skipped: PyTorch ({}: {})'.format(why, exc))
+        return
+    if device in ('gpu', 'all') and not torch.cuda.is_available():
+        print('# peer skipped: PyTorch CUDA (torch {} sees no CUDA device)'.format(torch.__version__))
+
+
 def peer_times(xp, op, x, label, axis, repeat, device):
     """{peer: median seconds} for the naive composition and PyTorch on the same inputs.
 
@@ -339,6 +351,69 @@ def run_cpu(args, rows):
             emit(rows, row, peers)
 
 
+# The loss family's cost (forward+backward, reduction='mean'), each against the featureless call
+# measured in the same interleaved rounds.
+FEATURE_SETS = [
+    ('no features', {}),
+    ('weight', dict(weight=True)),
+    ('smoothing', dict(label_smoothing=0.1)),
+    ('z-loss', dict(z_loss=1e-4)),
+    ('softcap', dict(softcap=30.0)),
+    ('weight+smoothing+z-loss', dict(weight=True, label_smoothing=0.1, z_loss=1e-4)),
+    ('all four', dict(weight=True, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)),
+]
+
+
+def torch_family_peer(x, label, weight, axis, device):
+    """PyTorch's F.cross_entropy forward+backward with class weights and label smoothing (mean)."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    if device == 'cuda' and not torch.cuda.is_available():
+        return None
+    to_torch = (lambda a: torch.from_dlpack(a)) if device == 'cuda' else (lambda a: torch.as_tensor(a))
+    xt, lt, wt = to_torch(x), to_torch(label).squeeze(axis), to_torch(weight)
+
+    def forward_backward():
+        xg = xt.detach().requires_grad_(True)
+        loss = F.cross_entropy(xg, lt, weight=wt, label_smoothing=0.1)
+        loss.backward()
+        return loss, xg.grad
+    return forward_backward
+
+
+def run_feature_costs(xp, timer, args, rows, device):
+    """forward+backward with each feature set, interleaved with the featureless call (rounds)."""
+    name, shape, axis = (CPU_QUICK if args.quick else CPU_CASES)[0]
+    x, label = make_inputs(xp, shape, axis, numpy.float32)
+    weight = xp.asarray(numpy.random.default_rng(1).uniform(0.5, 2.0, shape[axis]).astype(numpy.float32))
+    calls = {}
+    for fname, options in FEATURE_SETS:
+        kw = dict(options, reduction='mean')
+        if kw.pop('weight', False):
+            kw['weight'] = weight
+        calls[fname] = (lambda kw=kw: cupy_sce.forward_backward(x, label, axis=axis, **kw))
+    torch_fn = torch_family_peer(x, label, weight, axis, 'cuda' if device == 'gpu' else 'cpu')
+    times = {}
+    for _ in range(args.repeat):  # rounds: drift of the machine hits every variant alike
+        for fname, fn in calls.items():
+            times.setdefault(fname, []).append(timer(fn, 1)[0])
+        if torch_fn is not None:
+            times.setdefault('torch', []).append(timer(torch_fn, 1)[0])
+    base = statistics.median(times['no features'])
+    for fname, _ in FEATURE_SETS:
+        t = statistics.median(times[fname])
+        row = dict(device=device, case=name, op='fwd+bwd mean, ' + fname, impl='cupy_sce', median_ms=t * 1e3,
+                   min_ms=min(times[fname]) * 1e3, gbs=bytes_moved('forward+backward', shape, axis, 4) / t / 1e9,
+                   feature_cost=t / base - 1)
+        peers = {'no features': base}
+        if 'torch' in times and fname == 'weight+smoothing+z-loss':
+            peers['PyTorch weight+smoothing'] = statistics.median(times['torch'])
+        emit(rows, row, peers)
+
+
 def run_gpu(args, rows):
     import cupy
     props = cupy.cuda.runtime.getDeviceProperties(0)
@@ -379,6 +454,7 @@ def run_gpu(args, rows):
                 emit(rows, row, peers)
             del x, label, lse
             free_device_memory()
+    run_feature_costs(cupy, time_gpu, args, rows, 'gpu')
     return failures
 
 
@@ -402,6 +478,8 @@ def emit(rows, row, peers):
         extra += ' {:5.1%} of peak'.format(row['peak_fraction'])
     if 'copy_fraction' in row:
         extra += ' {:5.1%} of copy'.format(row['copy_fraction'])
+    if 'feature_cost' in row:
+        extra += ' cost {:+.1%}'.format(row['feature_cost'])
     if 'extra_peak_mib' in row:
         extra += ' extra peak {:.2f} MiB (logits {:.0f} MiB)'.format(row['extra_peak_mib'], row['logits_mib'])
     ratio_text = ', '.join('{} {:.1f} ms -> x{:.2f}'.format(p, row['peer_ms'][p], r)
@@ -461,6 +539,7 @@ def main(argv=None):
     if args.threads:
         cupy_sce.set_num_threads(args.threads)
     rows, failures = [], []
+    report_skipped_peers(args.device)
     if args.device in ('cpu', 'all'):
         run_cpu(args, rows)
     if args.device in ('gpu', 'all'):

@@ -51,9 +51,10 @@ class VariantRuntime(_cupy_backend.CupyRuntime):
 
     def kernel(self, dtype, name):
         dtype = numpy.dtype(dtype)
-        if dtype not in self.modules:
-            self.modules[dtype] = _kernels.raw_module(dtype, self.options)
-        return self.modules[dtype].get_function(name)
+        key = (dtype, _kernels.module_key(name))  # compiled lazily, like the backend's modules
+        if key not in self.modules:
+            self.modules[key] = _kernels.raw_module(dtype, self.options, _kernels.modules(dtype)[key[1]])
+        return self.modules[key].get_function(name)
 
 
 @contextlib.contextmanager

@@ -32,21 +32,46 @@ def _nvrtc_available():
 
 # ---------------------------------------------------------------- NVRTC
 
+def _in_parallel(fn, names):
+    """``fn(chunk)`` over the names split into one chunk per core (NVRTC releases the GIL)."""
+    import concurrent.futures
+    n = max(1, min(len(os.sched_getaffinity(0)), len(names) // 40))
+    chunks = [names[i::n] for i in range(n)]
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(fn, chunks))
+
+
 @functools.lru_cache(maxsize=None)
-def _ptx(dtype, options=()):
-    """PTX for sm_90, compiled once per test session (the knob test compares with it)."""
-    return _kernels.nvrtc_compile(dtype, 'compute_90', options).decode()
+def _compiled(dtype, arch='compute_90', options=(), names=None):
+    """(PTX, {name: mangled name}) of ``names`` (default: all), compiled once per test session."""
+    names = tuple(names or _kernels.name_expressions(dtype))
+    parts = _in_parallel(lambda chunk: _kernels.nvrtc_compile(dtype, arch, options, names=chunk, want_lowered=True),
+                         names)
+    lowered = {}
+    for _, part in parts:
+        lowered.update(part)
+    return ''.join(ptx.decode() for ptx, _ in parts), lowered
+
+
+def _ptx(dtype, options=(), arch='compute_90', names=None):
+    return _compiled(dtype, arch, options, names)[0]
+
+
+def _featureless(dtype):
+    """The instantiations without features: the tuning knobs' and the register test's subject."""
+    return tuple(n for n in _kernels.name_expressions(dtype) if harness.library_key(n) == 0)
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed (pip install -e ".[test]")')
 @pytest.mark.parametrize('arch', ['compute_80', 'compute_90'])
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_nvrtc_compiles_every_instantiation(dtype, arch):
-    """PTX for both architectures (machine code for sm_80 / sm_90: the register test below)."""
-    ptx = _ptx(dtype) if arch == 'compute_90' else _kernels.nvrtc_compile(dtype, arch).decode()
+    """PTX of every instantiation, for both architectures (machine code for sm_80 / sm_90: the
+    register tests below)."""
+    ptx = _ptx(dtype, arch=arch)
     assert len(ptx) > 1000
-    for name in ('cupy_sce_fused_rows', 'cupy_sce_fused_cluster', 'cupy_sce_row_max',
-                 'cupy_sce_gather_label'):
+    assert ptx.count('.entry ') == len(_kernels.name_expressions(dtype))
+    for name in ('cupy_sce_rows', 'cupy_sce_rows_cluster', 'cupy_sce_row_max', 'cupy_sce_gather_label'):
         assert name in ptx
     # the VEC instantiations really use 16-byte accesses
     assert 'ld.global.v4' in ptx or 'ld.global.nc.v4' in ptx or 'ld.global.v2.f64' in ptx
@@ -62,24 +87,77 @@ def test_nvrtc_compiles_every_instantiation(dtype, arch):
 @pytest.mark.parametrize('dtype', [numpy.float16, numpy.float32])  # what tune_gpu.py times
 def test_nvrtc_compiles_every_tuning_knob(dtype, knob):
     """A knob builds, and changes the code (test_scripts runs each on the harness)."""
-    ptx = _ptx(dtype, _kernels.TUNING_KNOBS[knob])
-    assert 'cupy_sce_fused_rows' in ptx and ptx != _ptx(dtype)
+    names = _featureless(dtype)
+    ptx = _ptx(dtype, _kernels.TUNING_KNOBS[knob], names=names)
+    assert 'cupy_sce_rows' in ptx and ptx != _ptx(dtype, names=names)
     if knob == 'exp2 ftz':
         assert 'ex2.approx.ftz.f32' in ptx
+
+
+# Register tests: ptxas on the featureless kernels and on every label type with all features (a
+# feature only adds work, so these bound every variant); NVRTC compiles all.
+def _register_subjects(dtype):
+    return _featureless(dtype) + tuple(n for n in _kernels.name_expressions(dtype)
+                                       if harness.library_key(n) == _kernels.ALL_FEATURES)
+
+
+@functools.lru_cache(maxsize=None)
+def _registers(dtype, arch):
+    usage = {}
+    for part in _in_parallel(lambda chunk: _kernels.register_usage(dtype, arch, names=chunk),
+                             _register_subjects(dtype)):
+        usage.update(part)
+    return usage
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed')
 @pytest.mark.parametrize('arch', ['sm_80', 'sm_90'])
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_registers_allow_the_largest_block(dtype, arch):
-    """ptxas builds every instantiation for the architecture, and the kernels are bounded for
+    """ptxas builds the instantiations for the architecture, and the kernels are bounded for
     1024-thread blocks (64 registers a thread: four 256-thread blocks share an SM); the host never
     launches larger ones."""
-    usage = _kernels.register_usage(dtype, arch)
-    assert len(usage) == len(_kernels.name_expressions(dtype))
+    usage = _registers(dtype, arch)
+    assert len(usage) == len(_register_subjects(dtype))
     blocks = [group for _, group in _cupy_backend.GROUP_TABLE if group]
     assert max(blocks + [_cupy_backend.ROWS_BLOCK, _cupy_backend.CLUSTER_BLOCK]) <= 1024
     assert all(0 < regs <= 65536 // 1024 for regs in usage.values()), usage
+
+
+def _entry_bodies(ptx):
+    """{mangled entry name: its PTX body} of a PTX module."""
+    import re
+    bodies = {}
+    for match in re.finditer(r'\.entry (\w+)\((.*?)\n}\n', ptx, re.S):
+        bodies[match.group(1)] = match.group(2)
+    return bodies
+
+
+# cupy_sce_rows parameters (SCE_ROWS_PARAMS) that only a feature reads: (index, features needing it)
+FEATURE_PARAMS = {5: _kernels.F_WEIGHT, 6: _kernels.F_WEIGHT | _kernels.F_SMOOTH, 15: _kernels.F_SMOOTH,
+                  16: _kernels.F_ZLOSS, 17: _kernels.F_SOFTCAP}
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed')
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_a_variant_pays_nothing_for_features_it_does_not_use(dtype):
+    """Each feature is compile-time: a variant loads a feature's parameter (class weights, their
+    sum, the smoothing, z-loss and cap values) exactly when it has the feature, so whatever the
+    feature computes is absent from the others; and the featureless variant needs no more
+    registers than the one with every feature."""
+    registers = _registers(dtype, 'sm_90')
+    ptx, lowered = _compiled(dtype)
+    bodies = _entry_bodies(ptx)
+    for op in _kernels.FEATURE_OPS:
+        for label_type in _kernels.label_types(dtype):
+            vec = _kernels.vector_width(dtype)
+            names = {f: _kernels.rows_name(dtype, label_type, op, f, vec) for f in range(_kernels.ALL_FEATURES + 1)}
+            for f, name in names.items():
+                body = bodies[lowered[name]]
+                for index, needs in FEATURE_PARAMS.items():
+                    loaded = '{}_param_{}]'.format(lowered[name], index) in body
+                    assert loaded == (f & needs == needs), (name, index, loaded)
+            assert registers[lowered[names[0]]] <= registers[lowered[names[_kernels.ALL_FEATURES]]]
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed')
@@ -89,7 +167,7 @@ def test_nvrtc_reports_compile_errors(tmp_path, monkeypatch):
     for name in ('sce.cu', 'sce_common.cuh'):
         text = open(os.path.join(_kernels.KERNEL_DIR, name)).read()
         if name == 'sce.cu':
-            text = text.replace('const A zero = A(0);', 'const A zero = A(0)')
+            text = text.replace('const A zero = A(0);', 'const A zero = A(0)', 1)
         (broken / name).write_text(text)
     monkeypatch.setattr(_kernels, 'KERNEL_DIR', str(broken))
     with pytest.raises(RuntimeError, match=r'(?s)NVRTC failed for compute_90.*error: expected a ";"'):
@@ -97,10 +175,51 @@ def test_nvrtc_reports_compile_errors(tmp_path, monkeypatch):
 
 
 def test_instantiation_list():
+    """Per dtype: lse 2; Paddle's forward with softmax 12 and grad op 6; forward 16 feature sets x
+    (2 hard labels x 2 VEC + soft x 2 VEC x 2 caches) = 128; forward+backward 16 x 3 x 2 x 2 = 192;
+    backward from lse 16 x 3 x 2 = 96; clusters (featureless ops that cache) 7 x 2 x 3 = 42; row
+    max 2, gather 2."""
     for dtype in DTYPES:
         names = _kernels.name_expressions(dtype)
-        assert len(names) == len(set(names)) == 16 + 18  # + cluster kernels: 3 labels x 2 VEC x 3 sizes
+        assert len(names) == len(set(names)) == 2 + 12 + 6 + 128 + 192 + 96 + 42 + 2 + 2
         assert all(n.startswith('cupy_sce_') for n in names)
+        # modules are compiled lazily: every name in exactly one, featureless ones together
+        groups = _kernels.modules(dtype)
+        assert sorted(n for g in groups.values() for n in g) == sorted(names)
+        assert len(groups) == 6 + 3 * 15 + 2
+    # the harness libraries partition the list the same way (one per feature set)
+    every = [n for dt in harness.DTYPES for n in _kernels.name_expressions(dt)]
+    assert sorted(n for key in range(_kernels.ALL_FEATURES + 1) for n in harness.library_names(key)) == sorted(every)
+
+
+def test_launch_plan():
+    """The pure launch plan: kernel, geometry, row cache and shared memory from the problem alone."""
+    plan = _cupy_backend.launch_plan(numpy.float32, 'long long', 'forward_backward', 0, 10, 1500, 1, 4)
+    assert plan.name == 'cupy_sce_rows<float, long long, sce::OP_FORWARD_BACKWARD, 0, 4, true>'
+    assert (plan.group, plan.block, plan.grid, plan.cluster, plan.cache_row) == (32, 256, 2, 1, True)
+    assert plan.shared_mem == _cupy_backend.state_area_bytes(numpy.float32) + 8 * 1500 * 4
+    plan = _cupy_backend.launch_plan(numpy.float32, 'long long', 'forward_backward', 0, 10, 1000, 1, 4)
+    assert (plan.group, plan.block, plan.grid, plan.cache_row) == (16, 256, 1, False)  # 16 rows: 64 KB
+    plan = _cupy_backend.launch_plan(numpy.float32, 'long long', 'forward', 5, 10, 1000, 1, 4)
+    assert plan.name.endswith('sce::OP_FORWARD, 5, 4, false>') and not plan.cache_row  # no pass 2
+    plan = _cupy_backend.launch_plan(numpy.float16, 'float', 'forward_backward', 3, 7, 128256, 1, 8)
+    assert (plan.group, plan.block, plan.grid, plan.cache_row) == (256, 256, 7, False)  # re-read
+    assert plan.shared_mem == 8 * 6 * 4
+    plan = _cupy_backend.launch_plan(numpy.float64, 'int', 'backward_lse', 0, 100, 40, 33, 1)
+    assert (plan.group, plan.block, plan.grid) == (4, 128, 4)  # columns: 32 rows a block
+    assert plan.shared_mem == 32 * 4 * 6 * 8
+    plan = _cupy_backend.launch_plan(numpy.float32, 'int', 'forward_backward', 0, 3, 128256, 1, 4, (True, 227 * 1024))
+    assert plan.cluster == 1  # clusters are off by default (USE_CLUSTERS)
+
+
+@needs_harness
+def test_layout_constants_match_the_compiled_kernels():
+    """The host's shared-memory layout is the kernels': state size, slots, column rows."""
+    for acc_bytes in (4, 8):
+        state_bytes, slots, column_rows = harness.layout_constants(acc_bytes)
+        assert state_bytes == _cupy_backend.STATE_FIELDS * acc_bytes
+        assert slots == _cupy_backend.STATE_SLOTS
+        assert column_rows == _cupy_backend.COLUMN_ROWS
 
 
 # ---------------------------------------------------------------- geometry table
@@ -151,14 +270,100 @@ def test_every_instantiation_runs_and_matches(monkeypatch):
                     picked = backend(cupy_sce.gather_label_logit, x, label, axis=axis,
                                      ignore_index=1 if shape[axis] > 1 else -100)
                     assert picked.shape == label.shape if label.ndim == x.ndim else True
+            x, _ = make_case(rng, shape, axis, dtype=dtype)
+            numpy.testing.assert_allclose(backend(cupy_sce.logsumexp, x, axis=axis),
+                                          numpy.logaddexp.reduce(x.astype(numpy.float64), axis, keepdims=True),
+                                          rtol=1e-5 if dtype != numpy.float64 else 1e-12)
         x, _ = make_case(rng, (3, 64), -1, dtype=dtype)
         numpy.testing.assert_array_equal(backend(cupy_sce.row_max, x),
                                          x.astype(numpy.float64).max(-1, keepdims=True))
         numpy.testing.assert_array_equal(backend(cupy_sce.row_max, x[:, :63].copy()),
                                          x[:, :63].astype(numpy.float64).max(-1, keepdims=True))
-    expected = {n for dt in DTYPES for n in _kernels.name_expressions(dt) if _kernels.cluster_size(n) == 1}
+    expected = {n for n in harness.library_names(0) if _kernels.cluster_size(n) == 1}
     assert set(runtime.launched) == expected, expected ^ set(runtime.launched)
     assert groups >= {1, 2, 4, 8, 16, 32, 256}, groups
+
+
+FEATURE_CASES = [  # (shape, axis): 16-byte vectors, scalar, a warp per row, strided, a block per row
+    ((5, 64), -1), ((3, 63), -1), ((2, 2000), -1), ((3, 7, 5), 1), ((2, 4097), -1)]
+# a block per row whose cache fits 48 KiB, with 16-byte vectors (CACHE_ROW and VEC together)
+VEC_CACHE_CASE = {numpy.float16: ((2, 16384), -1), numpy.float32: ((2, 8192), -1), numpy.float64: ((2, 4096), -1)}
+
+
+def feature_options(rng, K, features):
+    """Keyword arguments that turn on exactly the feature bits ``features``."""
+    options = {}
+    if features & _kernels.F_WEIGHT:
+        options['weight'] = rng.uniform(0.25, 2.0, K)
+    if features & _kernels.F_SMOOTH:
+        options['label_smoothing'] = 0.15
+    if features & _kernels.F_ZLOSS:
+        options['z_loss'] = 0.05
+    if features & _kernels.F_SOFTCAP:
+        options['softcap'] = 2.5
+    return options
+
+
+def check_features(backend, rng, dtype, shape, axis, label_kind, features, reduction='none'):
+    """forward, backward from lse, fused and in-place forward+backward with the features
+    ``features`` against the float64 reference of the loss family."""
+    from reference import reference_family
+    soft = label_kind == 'soft'
+    x, label = make_case(rng, shape, axis, soft=soft, dtype=dtype, ignore_index=1,
+                         label_dtype=numpy.int32 if label_kind == 'int32' else numpy.int64)
+    options = feature_options(rng, shape[axis], features)
+    if 'weight' in options:
+        options['weight'] = options['weight'].astype(dtype)
+    kw = dict(soft_label=soft, axis=axis, ignore_index=1, reduction=reduction, **options)
+    ref = reference_family(x, label, **kw)
+    tol = {numpy.float16: 4e-3, numpy.float32: 3e-5, numpy.float64: 1e-10}[dtype]
+
+    def close(actual, expected):
+        scale = max(1.0, float(numpy.max(numpy.abs(expected))))
+        numpy.testing.assert_allclose(numpy.asarray(actual, numpy.float64), expected, rtol=tol, atol=tol * scale)
+    loss, lse = backend(cupy_sce.forward, x, label, **kw)
+    close(loss, ref['loss'])
+    close(lse, ref['lse'])
+    close(backend(cupy_sce.backward, None, x, lse, label, **kw), ref['grad'])
+    loss, grad = backend(cupy_sce.forward_backward, x, label, **kw)
+    close(loss, ref['loss'])
+    close(grad, ref['grad'])
+    logits = backend.asarray(x.copy())
+    with backend.active():
+        cupy_sce.forward_backward(logits, backend.asarray(label), inplace=True,
+                                  **{k: backend.asarray(v) for k, v in kw.items()})
+    numpy.testing.assert_array_equal(backend.to_numpy(logits), grad)
+
+
+@needs_harness
+def test_every_feature_instantiation_runs_and_matches():
+    """Every instantiation with features (the featureless ones: the test above), each against
+    the float64 reference; the kernels launched must be exactly the feature instantiations."""
+    harness.prebuild(range(1, _kernels.ALL_FEATURES + 1))  # on every core at once
+    backend = Backend('harness')
+    runtime = backend._harness.runtime
+    rng = numpy.random.default_rng(5)
+    for features in range(1, _kernels.ALL_FEATURES + 1):
+        for dtype in DTYPES:
+            for shape, axis in FEATURE_CASES + [VEC_CACHE_CASE[dtype]]:
+                for label_kind in ('int32', 'int64', 'soft'):
+                    check_features(backend, rng, dtype, shape, axis, label_kind, features)
+    launched = {n for n in runtime.launched if harness.library_key(n)}
+    expected = {n for key in range(1, _kernels.ALL_FEATURES + 1) for n in harness.library_names(key)}
+    assert launched == expected, expected ^ launched
+
+
+@needs_harness
+@pytest.mark.parametrize('reduction', ['none', 'mean', 'sum'])
+def test_all_features_together(reduction):
+    """Every feature at once on each operation, label type, layout and reduction: the probe of
+    the feature mutants (tests/test_mutations.py), which builds one harness library."""
+    backend = Backend('harness')
+    rng = numpy.random.default_rng(6)
+    for dtype in (numpy.float32, numpy.float64):
+        for shape, axis in FEATURE_CASES:
+            for label_kind in ('int64', 'soft'):
+                check_features(backend, rng, dtype, shape, axis, label_kind, _kernels.ALL_FEATURES, reduction)
 
 
 @needs_harness
@@ -169,7 +374,7 @@ def test_cluster_instantiations_run_and_match(monkeypatch):
     runtime = backend._harness.runtime
     monkeypatch.setattr(_cupy_backend, 'CLUSTER_BLOCK', 64)
     run_cluster_cases(backend, numpy.random.default_rng(4), monkeypatch, runtime.launched)
-    expected = {n for dt in DTYPES for n in _kernels.name_expressions(dt) if _kernels.cluster_size(n) > 1}
+    expected = {n for n in harness.library_names(0) if _kernels.cluster_size(n) > 1}
     assert set(runtime.launched) >= expected, expected - set(runtime.launched)
 
 
@@ -196,7 +401,7 @@ def run_cluster_cases(backend, rng, monkeypatch, launched):
     # a block per row, as for large K (clusters split only such rows)
     monkeypatch.setattr(_cupy_backend, 'GROUP_TABLE', ((float('inf'), 64),))
     for dtype in DTYPES:
-        state_slots = _cupy_backend.STATE_SLOTS * 4 * cupy_sce.compute_dtype(dtype).itemsize
+        state_slots = _cupy_backend.state_area_bytes(dtype)
         monkeypatch.setattr(_cupy_backend, 'SHARED_LIMIT', state_slots + SEGMENT_BYTES)
         monkeypatch.setattr(_cupy_backend, 'CLUSTER_SEGMENT_LIMIT', state_slots + SEGMENT_BYTES)
         for K, cluster in cluster_cases(dtype):
@@ -300,7 +505,7 @@ def check(dtype, outer, K, inner, block_rows):
     assert outer * K * inner > 2 ** 31
     x = sparse(outer * K * inner, dtype)
     label = numpy.zeros(n_rows, numpy.int64)
-    loss = numpy.zeros(n_rows, dtype)
+    loss = numpy.zeros(n_rows, numpy.float32)
     lse = numpy.zeros(n_rows, numpy.float32)
     grad = sparse(outer * K * inner, dtype)
     bad = numpy.full(1, numpy.iinfo(numpy.uint64).max, numpy.uint64)
@@ -314,11 +519,12 @@ def check(dtype, outer, K, inner, block_rows):
         label[r] = rng.integers(0, K)
     label[rows[-1]] = K  # out of range: must be reported for exactly this row
     null = numpy.uint64(0)
-    args = (x, label, null, null, null, loss, lse, null, grad, numpy.int64(n_rows), numpy.int64(K),
-            numpy.int64(inner), numpy.int64(-100), numpy.int32(group), bad)
-    shared = 32 * group * 16 if columns else ((group // 32) * 16 if group > 32 else 0)
-    harness.launch(_kernels.fused_name(dtype, 'long long', vec, False), grid, block, args, shared_mem=shared,
-                   blocks=blocks)
+    zero = numpy.float32(0)
+    args = (x, label, null, null, null, null, null, loss, lse, null, grad, numpy.int64(n_rows), numpy.int64(K),
+            numpy.int64(inner), numpy.int64(-100), zero, zero, zero, numpy.int32(group), bad)
+    shared = _cupy_backend.shared_mem_bytes(dtype, K, inner, group)
+    harness.launch(_kernels.rows_name(dtype, 'long long', 'forward_backward', 0, vec, False), grid, block, args,
+                   shared_mem=shared, blocks=blocks)
     assert int(bad[0]) == rows[-1], (int(bad[0]), rows[-1])
     for r in rows[:-1]:
         base = (r // inner) * K * inner + r % inner

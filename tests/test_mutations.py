@@ -29,49 +29,68 @@ PROBE = ['tests/test_harness.py::test_asan_build_matches_environment',
          'tests/test_kernels.py::test_in_place_every_group_size',
          'tests/test_semantics.py']
 
-_PASS2_GUARD = ('if (j {} seg_end) continue;\n'
-                '                sce::Vec<T, VEC> sm, gr;')
-# name: (file, original text, mutated text, occurrence to replace (0 = first), needs ASan to show)
+# the feature mutants' probe: every feature at once, one harness library to build
+FEATURE_PROBE = ['tests/test_kernels.py::test_all_features_together']
+# the ASan run also executes every feature instantiation
+ASAN_PROBE = PROBE + ['tests/test_kernels.py::test_every_feature_instantiation_runs_and_matches'] + FEATURE_PROBE
+
+_PASS2_GUARD = ('if (j {} at.seg_end) continue;\n'
+                '            Vec<T, VEC> sm, gr;')
+# name: (file, original text, mutated text, occurrence to replace (0 = first), needs ASan to show, probe)
 MUTANTS = {
     'label gather off by one': (
-        'sce.cu', 'state.picked = sce::to_acc(x[base + lab * inner]);',
-        'state.picked = sce::to_acc(x[base + (lab + 1) * inner]);', 0, False),
+        'sce.cu', 'state.picked = capped<P::softcap>(to_acc(x[at.base + lab * inner]), softcap);',
+        'state.picked = capped<P::softcap>(to_acc(x[at.base + (lab + 1) * inner]), softcap);', 0, False, PROBE),
     'missing __syncthreads before reading warp partials': (
         'sce_common.cuh', '        __syncthreads();\n        // every warp reduces',
-        '        // every warp reduces', 0, False),
+        '        // every warp reduces', 0, False, PROBE),
     'missing __syncthreads before reusing warp partials': (
         'sce_common.cuh', '        __syncthreads();  // warp_partials is reused by the next reduction\n',
-        '', 0, False),
+        '', 0, False, PROBE),
     'wrong stride in pass 1': (
-        'sce.cu', 'dst[u] = sce::load_vec<T, VEC>(x_row + j * vec_stride);',
-        'dst[u] = sce::load_vec<T, VEC>(x_row + j * VEC);', 0, False),
+        'sce.cu', 'dst[u] = load_vec<T, VEC>(x_row + j * vec_stride);',
+        'dst[u] = load_vec<T, VEC>(x_row + j * VEC);', 0, False, PROBE),
     'wrong stride in the row base': (
         'sce_common.cuh', 'return (row / inner) * K * inner + row % inner;',
-        'return (row / inner) * K + row % inner;', 0, False),
+        'return (row / inner) * K + row % inner;', 0, False, PROBE),
     'reduction over too few lanes': (
-        'sce_common.cuh', 'for (int lane_mask = width / 2;', 'for (int lane_mask = width / 4;', 0, False),
+        'sce_common.cuh', 'for (int lane_mask = width / 2;', 'for (int lane_mask = width / 4;', 0, False, PROBE),
     'warp partials from too few warps': (
         'sce_common.cuh', 'const int n_warps = group_size / 32;', 'const int n_warps = group_size / 64;',
-        0, False),
+        0, False, PROBE),
     'label range check off by one': (
-        'sce_common.cuh', '(label < 0 || label >= K)', '(label < 0 || label > K)', 0, False),
+        'sce_common.cuh', '(label < 0 || label >= K)', '(label < 0 || label > K)', 0, False, PROBE),
     'ignored rows not zeroed': (
-        'sce.cu', 'grad = zero;  // selected, not multiplied', 'grad = prob * g;  // ', 0, False),
+        'sce.cu', 'grad = zero;  // selected, not multiplied', 'grad = prob * t.grad_scale;  // ', 0, False, PROBE),
     '32-bit offsets': (
         'sce_common.cuh', 'return (row / inner) * K * inner + row % inner;',
-        'return (int)((row / inner) * K * inner + row % inner);', 0, False),
+        'return (int)((row / inner) * K * inner + row % inner);', 0, False, PROBE),
     'inactive threads leave before the shuffles': (
-        'sce.cu', '    const long long n_vec = K / VEC;',
-        '    if (!active) return;\n    const long long n_vec = K / VEC;', 0, False),
+        'sce.cu', '    // step 1: the label\n',
+        '    if (!at.active) return;\n', 0, False, PROBE),
     'cluster merge skips the last CTA': (
         'sce_common.cuh', 'for (unsigned c = 1; c < CLUSTER; ++c)',
-        'for (unsigned c = 1; c + 1 < CLUSTER; ++c)', 0, False),
+        'for (unsigned c = 1; c + 1 < CLUSTER; ++c)', 0, False, PROBE),
     'cluster segment cached at the row offset': (
-        'sce.cu', 'row_cache[j - seg_begin] = v[u];', 'row_cache[j] = v[u];', 0, True),
+        'sce.cu', 'row_cache[j - at.seg_begin] = v[u];', 'row_cache[j] = v[u];', 0, True, PROBE),
     'row cache slot of the wrong group': (
-        'sce.cu', '+ (threadIdx.x / group_size) * seg_chunks', '+ (threadIdx.x / group_size)', 0, False),
+        'sce.cu', '(threadIdx.x / group_size) * at.seg_chunks', '(threadIdx.x / group_size)', 0, False, PROBE),
     'pass 2 runs one vector past the row (ASan)': (
-        'sce.cu', _PASS2_GUARD.format('>='), _PASS2_GUARD.format('>'), 0, True),
+        'sce.cu', _PASS2_GUARD.format('>='), _PASS2_GUARD.format('>'), 0, True, PROBE),
+    # the loss family (issue 10)
+    'class weight index off by one': (
+        'sce.cu', 'r.weight = r.one_minus_eps * weight[lab] + mean_part;',
+        'r.weight = r.one_minus_eps * weight[lab > 0 ? lab - 1 : lab + 1] + mean_part;', 0, False, FEATURE_PROBE),
+    'smoothing term dropped from the gradient': (
+        'sce.cu', 'target = (k == lab ? t.one_minus_eps : zero) + t.eps_over_k;',
+        'target = (k == lab ? t.one_minus_eps : zero);', 0, False, FEATURE_PROBE),
+    'z-loss factor 2 missing': (
+        'sce.cu', 'target_sum + A(2) * z_loss *', 'target_sum + z_loss *', 0, False, FEATURE_PROBE),
+    'softcap derivative missing': (
+        'sce.cu', 'if (P::softcap) grad *= cap_slope<true>(y, softcap);', '', 0, False, FEATURE_PROBE),
+    'soft-label weight ignores the label': (
+        'sce.cu', 'if (P::weight) state.label_weight += lk * weight[j * VEC + e];',
+        'if (P::weight) state.label_weight += weight[j * VEC + e];', 0, False, FEATURE_PROBE),
 }
 
 
@@ -87,18 +106,19 @@ def mutate(tmp_path, file, original, mutated, occurrence):
     return str(kernel_dir)
 
 
-def run_probe(kernel_dir=None, asan=False, timeout=600, log_dir=None):
+def run_probe(kernel_dir=None, asan=False, timeout=900, log_dir=None, probe=PROBE):
     env = harness.asan_env(log_dir=log_dir) if asan else dict(os.environ)
     if kernel_dir:
         env['CUPY_SCE_HARNESS_KERNEL_DIR'] = kernel_dir
     env.pop('PYTEST_ADDOPTS', None)
     cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', '-k', 'harness or not numpy',
-           '--hypothesis-seed=0'] + PROBE
+           '--hypothesis-seed=0'] + probe
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_probe_passes_on_the_real_kernels():
-    result = run_probe()
+@pytest.mark.parametrize('probe', [PROBE, FEATURE_PROBE], ids=['probe', 'feature probe'])
+def test_probe_passes_on_the_real_kernels(probe):
+    result = run_probe(probe=probe)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert ' passed' in result.stdout
 
@@ -110,7 +130,7 @@ def _with_asan_logs(result, log_dir):
 
 def test_probe_passes_under_address_sanitizer(tmp_path):
     """Every kernel (the probe launches all instantiations) with ASan: no out-of-bounds access."""
-    result = run_probe(asan=True, log_dir=str(tmp_path))
+    result = run_probe(asan=True, log_dir=str(tmp_path), probe=ASAN_PROBE)
     output = _with_asan_logs(result, str(tmp_path))
     assert 'AddressSanitizer' not in output, output[-6000:]
     assert result.returncode == 0, output[-6000:]
@@ -118,14 +138,50 @@ def test_probe_passes_under_address_sanitizer(tmp_path):
 
 @pytest.mark.parametrize('name', sorted(MUTANTS))
 def test_mutant_is_caught(tmp_path, name):
-    file, original, mutated, occurrence, asan = MUTANTS[name]
+    file, original, mutated, occurrence, asan, probe = MUTANTS[name]
     kernel_dir = mutate(tmp_path, file, original, mutated, occurrence)
     log_dir = tmp_path / 'asan'
     log_dir.mkdir()
-    result = run_probe(kernel_dir, asan=asan, log_dir=str(log_dir))
+    result = run_probe(kernel_dir, asan=asan, log_dir=str(log_dir), probe=probe)
     output = _with_asan_logs(result, str(log_dir))
     assert result.returncode != 0, 'mutant "{}" survived:\n{}'.format(name, output[-3000:])
     assert 'harness build failed' not in output, 'the mutant does not compile:\n' + output[-3000:]
     if asan:  # past a NumPy buffer (heap) or past the launch's dynamic shared memory (poisoned)
         assert 'AddressSanitizer' in output, output[-3000:]
         assert 'heap-buffer-overflow' in output or 'use-after-poison' in output, output[-3000:]
+
+
+# ---------------------------------------------------------------- host-side mutants
+
+HOST_MUTANTS = {  # name: (function of cupy_sce._api, original text, mutated text)
+    'mean divisor counts ignored rows': (
+        '_normalizer', 'counted = p.label != p.ignore_index', 'counted = p.label == p.label'),
+    'mean divisor ignores the class weights': (
+        '_normalizer', '    if p.weight is None:\n        return counted.sum(dtype=acc)',
+        '    if True:\n        return counted.sum(dtype=acc)'),
+}
+
+
+@pytest.mark.parametrize('backend_name', ['numpy', 'harness'])
+@pytest.mark.parametrize('name', sorted(HOST_MUTANTS))
+def test_host_mutant_is_caught(monkeypatch, name, backend_name):
+    """The reductions' divisor is computed on the host, once for both backends: a mutated copy of
+    it must make the reduction checks (test_kernels.check_features) fail."""
+    import inspect
+    import numpy
+    from cupy_sce import _api
+    from conftest import Backend
+    from test_kernels import check_features
+    function, original, mutated = HOST_MUTANTS[name]
+    source = inspect.getsource(getattr(_api, function))
+    assert source.count(original) == 1, 'mutation anchor not found: {!r}'.format(original)
+    namespace = dict(vars(_api))
+    exec(source.replace(original, mutated), namespace)  # noqa: S102 - the mutant, from our own source
+    backend = Backend(backend_name)
+    rng = numpy.random.default_rng(7)
+    check_features(backend, rng, numpy.float64, (6, 5), -1, 'int64', _kernels.F_WEIGHT, 'mean')  # unmutated
+    monkeypatch.setattr(_api, function, namespace[function])
+    with pytest.raises(AssertionError):
+        for seed in range(5):  # ignored rows come at random: several cases
+            check_features(backend, numpy.random.default_rng(seed), numpy.float64, (6, 5), -1, 'int64',
+                           _kernels.F_WEIGHT, 'mean')

@@ -25,49 +25,47 @@
 // host code drives these kernels on the CPU in the test suite (cupy_sce/testing/harness.py).
 #include "sce_common.cuh"
 
-namespace sce {
-
-// Reads the hard label of `row` and classifies it; soft labels (and no labels) are VALID.
-template <typename L>
-__device__ __forceinline__ int hard_label(const L* label, long long row, long long K,
-                                          long long ignore_index, long long* label_out) {
-    if (IsSoftLabel<L>::value || label == nullptr) {
-        *label_out = -1;
-        return LABEL_VALID;
-    }
-    const long long lab = (long long)label[row];
-    *label_out = lab;
-    return classify_label(lab, K, ignore_index);
-}
-
-}  // namespace sce
-
 // ------------------------------------------------------------------------------------------
-// cupy_sce_fused_rows: every op of the library in one kernel, steered by which pointers are null.
+// cupy_sce_rows<T, L, OP, F, VEC, CACHE_ROW>: every operation of the library, one compiled variant
+// per operation OP (sce::Op) and set of optional features F (sce::Feature bits).  Everything a
+// variant does not compute is compiled out: no loads, no registers, no arithmetic for it.
 //
-//   forward                 x, label            -> loss_out, lse_out [, softmax_out]
-//   forward + backward      x, label, loss_grad -> loss_out, grad_out (grad_out may be x)
-//   backward from lse       x, lse_in, label, loss_grad -> grad_out (grad_out may be x)
-//   backward from softmax   softmax_in, label, loss_grad -> grad_out
-//   logsumexp (block 2)     x                   -> lse_out
+//   OP_LSE               x                            -> lse_out                 (building block 2)
+//   OP_FORWARD           x, label                     -> loss_out [, lse_out]
+//   OP_FORWARD_SOFTMAX   x, label                     -> loss_out, softmax_out   (Paddle's op; F = 0)
+//   OP_FORWARD_BACKWARD  x, label, loss_grad          -> loss_out, grad_out (grad_out may be x)
+//   OP_BACKWARD_LSE      x, lse_in, label, loss_grad  -> grad_out (grad_out may be x)
+//   OP_BACKWARD_SOFTMAX  softmax_in, label, loss_grad -> grad_out                (Paddle's grad op; F = 0)
 //
-// Arguments
-//   x           const T*  logits, (outer, K, inner); null when softmax_in is given
-//   label       const L*  hard: (outer, inner) int/long long; soft: (outer, K, inner) in A; may be null
-//   softmax_in  const T*  probabilities (Paddle's grad op); null otherwise
-//   lse_in      const A*  (outer, inner) log-sum-exp from forward(); null otherwise
-//   loss_grad   const A*  (outer, inner) upstream gradient; null means ones
-//   loss_out    T*        (outer, inner) loss; may be null
-//   lse_out     A*        (outer, inner) log-sum-exp; may be null
-//   softmax_out T*        (outer, K, inner) softmax; may be null
-//   grad_out    T*        (outer, K, inner) gradient; may be null; may alias x (in place): every
-//                         element is read and written by the same thread, and the label's logit
-//                         is read in pass 1 by the lane that later writes that element
-//   n_rows      outer * inner
-//   K           classes (row length); inner: distance between classes of a row (elements)
-//   ignore_index  hard label value that marks a row as ignored (loss 0, gradient 0)
-//   group_size  threads per row (see the header)
-//   bad_row     smallest row with an out-of-range hard label (atomicMin); may be null
+// Features (the loss family; see README "Semantics"): with y = the logits, or softcap * tanh(x /
+// softcap) under F_SOFTCAP, a row's target t (one-hot of the label, or the soft label; under
+// F_SMOOTH (1 - smoothing) * t + smoothing / K), its weight w (1, or under F_WEIGHT sum_k t_k *
+// weight_k) and lse = log sum_k exp(y_k):
+//   loss   = w * (sum_k t_k (lse - y_k) + z_loss * lse^2)                  (z_loss: F_ZLOSS)
+//   grad_k = loss_grad * w * (softmax_k * (sum_k t_k + 2 z_loss lse) - t_k) * dy_k/dx_k
+//
+// Arguments (unused ones of a variant are null / ignored)
+//   x            const T*  logits, (outer, K, inner)
+//   label        const L*  hard: (outer, inner) int/long long; soft: (outer, K, inner) in A
+//   softmax_in   const T*  (outer, K, inner) probabilities (OP_BACKWARD_SOFTMAX)
+//   lse_in       const A*  (outer, inner) log-sum-exp of y from a forward (OP_BACKWARD_LSE)
+//   loss_grad    const A*  (outer, inner) upstream gradient per row; null means ones
+//   weight       const A*  (K) class weights (F_WEIGHT)
+//   weight_sum   const A*  one value, sum_k weight_k (F_WEIGHT with F_SMOOTH)
+//   loss_out     A*        (outer, inner) loss per row, in A (the host rounds to T or reduces)
+//   lse_out      A*        (outer, inner) log-sum-exp of y; may be null
+//   softmax_out  T*        (outer, K, inner) softmax
+//   grad_out     T*        (outer, K, inner) gradient; may alias x (in place): every element is
+//                          read and written by the same thread, and the label's logit is read in
+//                          pass 1 by the lane that later writes that element
+//   n_rows       outer * inner
+//   K            classes (row length); inner: distance between classes of a row (elements)
+//   ignore_index hard label value that marks a row as ignored (loss 0, gradient 0, weight 0)
+//   smoothing    label smoothing in [0, 1) (F_SMOOTH)
+//   z_loss       z-loss coefficient >= 0 (F_ZLOSS)
+//   softcap      logit cap > 0 (F_SOFTCAP)
+//   group_size   threads per row (see the header)
+//   bad_row      smallest row with an out-of-range hard label (atomicMin); may be null
 // ------------------------------------------------------------------------------------------
 // The largest block the host launches (_cupy_backend.GROUP_TABLE): the compiler must fit a
 // thread's registers in 64K / MAX_BLOCK, or the launch fails ("too many resources requested").
@@ -82,96 +80,181 @@ __device__ __forceinline__ int hard_label(const L* label, long long row, long lo
 #endif
 
 // Warp partials (group_allreduce) and, at index 32, the slot a CTA shows the rest of its cluster
-// (cluster_allreduce); the row cache starts after them.  _cupy_backend.STATE_SLOTS matches.
+// (cluster_allreduce); the row cache starts after them (at the next multiple of 16 bytes).  _cupy_backend.STATE_SLOTS matches (the
+// harness reports this value; a test compares).
 #define SCE_STATE_SLOTS 33
+// Rows per block in the strided "columns" layout (_cupy_backend.COLUMN_ROWS; checked likewise).
+#define SCE_COLUMN_ROWS 32
 
-#define SCE_FUSED_PARAMS                                                                          \
-    const T *x, const L *label, const T *softmax_in, const typename sce::Acc<T>::type *lse_in,    \
-        const typename sce::Acc<T>::type *loss_grad, T *loss_out, typename sce::Acc<T>::type *lse_out, \
-        T *softmax_out, T *grad_out, long long n_rows, long long K, long long inner,              \
-        long long ignore_index, int group_size, unsigned long long *bad_row
-#define SCE_FUSED_ARGS                                                                            \
-    x, label, softmax_in, lse_in, loss_grad, loss_out, lse_out, softmax_out, grad_out, n_rows, K, \
-        inner, ignore_index, group_size, bad_row
+#define SCE_ROWS_PARAMS                                                                            \
+    const T *x, const L *label, const T *softmax_in, const typename sce::Acc<T>::type *lse_in,     \
+        const typename sce::Acc<T>::type *loss_grad, const typename sce::Acc<T>::type *weight,     \
+        const typename sce::Acc<T>::type *weight_sum, typename sce::Acc<T>::type *loss_out,        \
+        typename sce::Acc<T>::type *lse_out, T *softmax_out, T *grad_out, long long n_rows,        \
+        long long K, long long inner, long long ignore_index, typename sce::Acc<T>::type smoothing, \
+        typename sce::Acc<T>::type z_loss, typename sce::Acc<T>::type softcap, int group_size,     \
+        unsigned long long *bad_row
+#define SCE_ROWS_ARGS                                                                             \
+    x, label, softmax_in, lse_in, loss_grad, weight, weight_sum, loss_out, lse_out, softmax_out,  \
+        grad_out, n_rows, K, inner, ignore_index, smoothing, z_loss, softcap, group_size, bad_row
 
 namespace sce {
 
-// The body of both fused kernels.  CLUSTER > 1 (cupy_sce_fused_cluster): a row is split over the
-// CLUSTER CTAs of a thread block cluster (one row per cluster, group_size == blockDim.x), each
-// CTA keeps its segment of the row in its shared memory (CACHE_ROW), and the CTAs merge their
-// row states through distributed shared memory: one read of the row from global memory even
-// when it is larger than one CTA's shared memory.
-template <typename T, typename L, int VEC, bool CACHE_ROW, int CLUSTER>
-__device__ __forceinline__ void fused_rows(SCE_FUSED_PARAMS) {
-    typedef typename sce::Acc<T>::type A;
+enum Op {
+    OP_LSE = 0,
+    OP_FORWARD = 1,
+    OP_FORWARD_SOFTMAX = 2,
+    OP_FORWARD_BACKWARD = 3,
+    OP_BACKWARD_LSE = 4,
+    OP_BACKWARD_SOFTMAX = 5,
+};
+
+enum Feature {
+    F_WEIGHT = 1,   // class weights
+    F_SMOOTH = 2,   // label smoothing
+    F_ZLOSS = 4,    // z-loss
+    F_SOFTCAP = 8,  // logit soft-capping
+};
+
+// What a variant computes, all compile-time.
+template <typename L, int OP, int F> struct Plan {
+    static constexpr bool soft = IsSoftLabel<L>::value;
+    static constexpr bool labels = OP != OP_LSE;
+    static constexpr bool lse_pass = OP == OP_LSE || OP == OP_FORWARD || OP == OP_FORWARD_SOFTMAX ||
+                                     OP == OP_FORWARD_BACKWARD;  // pass 1 computes the lse
+    static constexpr bool loss = OP == OP_FORWARD || OP == OP_FORWARD_SOFTMAX || OP == OP_FORWARD_BACKWARD;
+    static constexpr bool softmax = OP == OP_FORWARD_SOFTMAX;
+    static constexpr bool grad = OP == OP_FORWARD_BACKWARD || OP == OP_BACKWARD_LSE || OP == OP_BACKWARD_SOFTMAX;
+    static constexpr bool pass2 = softmax || grad || (soft && loss);  // a second sweep over the row
+    static constexpr bool weight = (F & F_WEIGHT) != 0;
+    static constexpr bool smooth = (F & F_SMOOTH) != 0;
+    static constexpr bool zloss = (F & F_ZLOSS) != 0;
+    static constexpr bool softcap = (F & F_SOFTCAP) != 0;
+    // soft labels: sum_k label_k (the gradient's sum_k t_k) and sum_k label_k w_k (the row weight)
+    static constexpr bool label_sums = soft && grad;
+    static constexpr unsigned state_mask =
+        (lse_pass ? STATE_LSE : 0u) | (lse_pass && loss && !soft ? STATE_PICKED : 0u) |
+        (soft && (grad || weight) ? STATE_LABEL_SUM : 0u) | (lse_pass && loss && !soft && smooth ? STATE_Y_SUM : 0u) |
+        (soft && weight ? STATE_LABEL_WEIGHT : 0u);
+};
+
+// Reads the hard label of `row` and classifies it; soft labels (and no labels) are VALID.
+template <typename L>
+__device__ __forceinline__ int hard_label(const L* label, long long row, long long K,
+                                          long long ignore_index, long long* label_out) {
+    if (IsSoftLabel<L>::value || label == nullptr) {
+        *label_out = -1;
+        return LABEL_VALID;
+    }
+    const long long lab = (long long)label[row];
+    *label_out = lab;
+    return classify_label(lab, K, ignore_index);
+}
+
+// y: the logit the loss sees (Gemma 2's soft cap: softcap * tanh(x / softcap), else x).
+template <bool SOFTCAP, typename A> __device__ __forceinline__ A capped(A x, A softcap) {
+    return SOFTCAP ? softcap * tanh_acc(x / softcap) : x;
+}
+
+// dy/dx of the cap from y itself: 1 - tanh(x / c)^2 = (1 - y / c) (1 + y / c).
+template <bool SOFTCAP, typename A> __device__ __forceinline__ A cap_slope(A y, A softcap) {
+    if (!SOFTCAP) return A(1);
+    const A t = y / softcap;
+    return (A(1) - t) * (A(1) + t);
+}
+
+// Bytes of the SCE_STATE_SLOTS row states ahead of the row cache, rounded up to 16 so that the
+// cache's 16-byte vectors stay aligned (_cupy_backend.state_area_bytes matches).
+template <typename A> __device__ __forceinline__ constexpr long long state_area_bytes() {
+    return (SCE_STATE_SLOTS * (long long)sizeof(RowState<A>) + 15) / 16 * 16;
+}
+
+// Where a thread works: its row, its lane among the row's threads, and its CTA's segment of the row.
+struct RowPlace {
+    long long row;
+    int lane;
+    bool active;        // row < n_rows; inactive threads still join every reduction
+    bool columns;       // strided rows: 32 rows per block, warps split the classes
+    long long base;     // offset of the row's class 0
+    long long seg_chunks;          // vector chunks per CTA: ceil(K / VEC / CLUSTER)
+    long long seg_begin, seg_end;  // this CTA's vector chunks [seg_begin, seg_end)
+    unsigned rank;      // CTA rank in the cluster (0 without one)
+};
+
+template <int VEC, int CLUSTER>
+__device__ __forceinline__ RowPlace place_thread(long long n_rows, long long K, long long inner, int group_size) {
+    RowPlace p;
+    p.columns = inner > 1 && group_size > 1;
+    p.lane = p.columns ? threadIdx.x / SCE_COLUMN_ROWS : threadIdx.x % group_size;
+    p.row = CLUSTER > 1 ? (long long)(blockIdx.x / CLUSTER)
+            : p.columns ? (long long)blockIdx.x * SCE_COLUMN_ROWS + threadIdx.x % SCE_COLUMN_ROWS
+                        : (long long)blockIdx.x * (blockDim.x / group_size) + threadIdx.x / group_size;
+    p.active = p.row < n_rows;
+    p.base = p.active ? row_base(p.row, K, inner) : 0;
+    // the cluster's CTAs are consecutive blocks, rank = blockIdx.x % CLUSTER (cluster dims (C, 1, 1))
+    const long long n_vec = K / VEC;
+    p.rank = CLUSTER > 1 ? blockIdx.x % CLUSTER : 0;
+    p.seg_chunks = (n_vec + CLUSTER - 1) / CLUSTER;
+    p.seg_begin = p.rank * p.seg_chunks < n_vec ? p.rank * p.seg_chunks : n_vec;
+    p.seg_end = p.seg_begin + p.seg_chunks < n_vec ? p.seg_begin + p.seg_chunks : n_vec;
+    return p;
+}
+
+// Step 2 (pass 1): the online max / sum of exp(y) over this thread's chunks, the label's logit
+// (read by the lane that owns its chunk, the one that writes it in pass 2), and the sums the
+// features need; CACHE_ROW keeps the chunks in shared memory for pass 2.
+template <typename T, typename L, int OP, int F, int VEC, bool CACHE_ROW>
+__device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
+        const T* x, const L* label, const typename Acc<T>::type* weight, long long K, long long inner,
+        int group_size, const RowPlace& at, long long lab, int kind, typename Acc<T>::type softcap,
+        Vec<T, VEC>* row_cache) {
+    typedef typename Acc<T>::type A;
+    typedef Plan<L, OP, F> P;
     // chunks a thread loads before it uses the first (16-byte loads in flight per thread);
     // double keeps two, so that its registers fit under the launch bound without spilling
     constexpr int UNROLL = SCE_UNROLL > 0 ? SCE_UNROLL : (sizeof(A) == 8 ? 2 : 4);
-    const bool soft = sce::IsSoftLabel<L>::value && label != nullptr;
-    // Strided rows (inner > 1) with group_size > 1: "columns".  A block holds 32 consecutive rows,
-    // one per lane, and its group_size warps split the classes (warp w reads classes w, w + S, ...
-    // of all 32 rows: neighbouring lanes read neighbouring addresses).  Otherwise group_size
-    // consecutive threads share a row.
-    const bool columns = inner > 1 && group_size > 1;
-    const int lane = columns ? threadIdx.x / 32 : threadIdx.x % group_size;
-    const long long row = CLUSTER > 1 ? (long long)(blockIdx.x / CLUSTER)
-                          : columns   ? (long long)blockIdx.x * 32 + threadIdx.x % 32
-                                      : (long long)blockIdx.x * (blockDim.x / group_size) + threadIdx.x / group_size;
-    const bool active = row < n_rows;  // inactive threads still join every reduction
-    const long long base = active ? sce::row_base(row, K, inner) : 0;
-    const long long n_vec = K / VEC;   // vector chunks per row; chunk j starts at class j * VEC
+    RowState<A> state = row_state_init<A>();
+    if (!at.active) return state;
     const long long vec_stride = VEC * inner;  // elements from chunk j to chunk j + 1
-    // this CTA's chunks of the row: [seg_begin, seg_end); the whole row without a cluster.  The
-    // cluster's CTAs are consecutive blocks, rank = blockIdx.x % CLUSTER (cluster dims (C, 1, 1)).
-    const unsigned rank = CLUSTER > 1 ? blockIdx.x % CLUSTER : 0;
-    const long long seg_chunks = (n_vec + CLUSTER - 1) / CLUSTER;
-    const long long seg_begin = rank * seg_chunks < n_vec ? rank * seg_chunks : n_vec;
-    const long long seg_end = seg_begin + seg_chunks < n_vec ? seg_begin + seg_chunks : n_vec;
-    const A zero = A(0);
-
-    RowState<A>* const partials = sce_dynamic_smem<RowState<A> >();
-    // this group's segment in shared memory (CACHE_ROW only; the host sized it, 16-byte aligned);
-    // chunk j sits at row_cache[j - seg_begin]
-    Vec<T, VEC>* const row_cache =
-        CACHE_ROW ? reinterpret_cast<Vec<T, VEC>*>(partials + SCE_STATE_SLOTS) + (threadIdx.x / group_size) * seg_chunks
-                  : nullptr;
-
-    long long lab = -1;
-    const int kind = active ? sce::hard_label(label, row, K, ignore_index, &lab) : sce::LABEL_VALID;
-    if (active && kind == sce::LABEL_BAD && lane == 0) sce::record_bad_row(bad_row, row);
-
-    // ---- pass 1: online max / sum(exp) over the row (skipped when lse or softmax is given)
-    sce::RowState<A> state = sce::row_state_init<A>();
-    const bool need_lse = (softmax_in == nullptr && lse_in == nullptr);
-    if (active && need_lse) {
-        const T* const x_row = x + base;
+    if (P::lse_pass) {
+        const T* const x_row = x + at.base;
         const long long step = (long long)group_size * UNROLL;
         // the UNROLL chunks of the step starting at chunk j0 (those inside the segment)
-        auto load_step = [&](sce::Vec<T, VEC>* dst, long long j0) {
+        auto load_step = [&](Vec<T, VEC>* dst, long long j0) {
             for (int u = 0; u < UNROLL; ++u) {
                 const long long j = j0 + (long long)u * group_size;
-                if (j < seg_end) dst[u] = sce::load_vec<T, VEC>(x_row + j * vec_stride);
+                if (j < at.seg_end) dst[u] = load_vec<T, VEC>(x_row + j * vec_stride);
             }
         };
         // every load of a step is issued before the first use (one load at a time per thread left
         // an H200's memory system half idle); SCE_PREFETCH also issues the next step's loads
         // before this step's arithmetic
-        sce::Vec<T, VEC> v[UNROLL], next[UNROLL];
-        load_step(v, seg_begin + lane);
-        for (long long j0 = seg_begin + lane; j0 < seg_end; j0 += step) {
+        Vec<T, VEC> v[UNROLL], next[UNROLL];
+        load_step(v, at.seg_begin + at.lane);
+        for (long long j0 = at.seg_begin + at.lane; j0 < at.seg_end; j0 += step) {
             if (SCE_PREFETCH) load_step(next, j0 + step);
-            A step_max = -sce::inf_value(A());
+            A y[UNROLL][VEC];
+            A step_max = -inf_value(A());
             for (int u = 0; u < UNROLL; ++u) {
                 const long long j = j0 + (long long)u * group_size;
-                if (j >= seg_end) continue;
-                if (CACHE_ROW) row_cache[j - seg_begin] = v[u];
-                for (int e = 0; e < VEC; ++e) step_max = sce::nan_max(step_max, sce::to_acc(v[u].v[e]));
+                if (j >= at.seg_end) continue;
+                if (CACHE_ROW) row_cache[j - at.seg_begin] = v[u];
+                for (int e = 0; e < VEC; ++e) {
+                    y[u][e] = capped<P::softcap>(to_acc(v[u].v[e]), softcap);
+                    step_max = nan_max(step_max, y[u][e]);
+                }
             }
-            sce::rebase(state, step_max);
-            if (state.max != -sce::inf_value(A())) {  // all -inf so far: nothing to add
+            rebase(state, step_max);
+            if (state.max != -inf_value(A())) {  // all -inf so far: nothing to add
                 for (int u = 0; u < UNROLL; ++u) {
-                    if (j0 + (long long)u * group_size >= seg_end) continue;
-                    for (int e = 0; e < VEC; ++e) state.sum += sce::exp_shifted(sce::to_acc(v[u].v[e]) - state.max);
+                    if (j0 + (long long)u * group_size >= at.seg_end) continue;
+                    for (int e = 0; e < VEC; ++e) state.sum += exp_shifted(y[u][e] - state.max);
+                }
+            }
+            if (P::state_mask & STATE_Y_SUM) {  // smoothing's sum_k y_k (a -inf logit makes it -inf)
+                for (int u = 0; u < UNROLL; ++u) {
+                    if (j0 + (long long)u * group_size >= at.seg_end) continue;
+                    for (int e = 0; e < VEC; ++e) state.y_sum += y[u][e];
                 }
             }
             if (SCE_PREFETCH) {
@@ -181,126 +264,248 @@ __device__ __forceinline__ void fused_rows(SCE_FUSED_PARAMS) {
             }
         }
     }
-    if (active && soft && (need_lse || grad_out != nullptr)) {
-        // soft labels: the gradient needs sum_k label_k before its first element is written
-        for (long long j = seg_begin + lane; j < seg_end; j += group_size) {
-            for (int e = 0; e < VEC; ++e) state.label_sum += (A)label[base + (j * VEC + e) * inner];
+    if (P::state_mask & (STATE_LABEL_SUM | STATE_LABEL_WEIGHT)) {
+        // soft labels: the gradient needs sum_k label_k, the weight sum_k label_k w_k, before
+        // pass 2 writes its first element
+        for (long long j = at.seg_begin + at.lane; j < at.seg_end; j += group_size) {
+            for (int e = 0; e < VEC; ++e) {
+                const A lk = (A)label[at.base + (j * VEC + e) * inner];
+                state.label_sum += lk;
+                if (P::weight) state.label_weight += lk * weight[j * VEC + e];
+            }
         }
     }
-    if (active && need_lse && kind == sce::LABEL_VALID && !soft && label != nullptr) {
+    if ((P::state_mask & STATE_PICKED) && kind == LABEL_VALID) {
         // the lane that owns the label's chunk reads its logit (it alone writes it in pass 2)
         const long long label_chunk = lab / VEC;
-        if (label_chunk >= seg_begin && label_chunk < seg_end && (label_chunk - seg_begin) % group_size == lane) {
-            state.picked = sce::to_acc(x[base + lab * inner]);
+        if (label_chunk >= at.seg_begin && label_chunk < at.seg_end &&
+            (label_chunk - at.seg_begin) % group_size == at.lane) {
+            state.picked = capped<P::softcap>(to_acc(x[at.base + lab * inner]), softcap);
         }
     }
-    state = sce::row_allreduce(state, sce::MergeRowState<A>(), group_size, columns, partials);
-    if (CLUSTER > 1) {
-        state = sce::cluster_allreduce<CLUSTER>(state, sce::MergeRowState<A>(), partials + SCE_STATE_SLOTS - 1);
-    }
+    return state;
+}
 
-    // lse = shift + log_sum_exp, kept apart: log_sum_exp + (shift - x_k) is exact where
-    // lse - x_k would first round a large lse.  An all -inf row has shift 0 and lse -inf.
-    A shift, log_sum_exp;
-    if (need_lse) {
-        shift = state.max == -sce::inf_value(A()) ? zero : state.max;
-        log_sum_exp = sce::log_acc(state.sum);
+// Step 3: a row's scalars, the same in every thread of the row.
+template <typename A> struct RowTerms {
+    A shift, log_sum_exp;  // lse = shift + log_sum_exp, kept apart (see row_terms)
+    A weight;              // the row weight w (1 without F_WEIGHT)
+    A prob_scale;          // softmax_k is multiplied by sum_k t_k (+ 2 z lse) in the gradient
+    A grad_scale;          // loss_grad * w
+    A one_minus_eps, eps_over_k;  // the target: (1 - eps) * label + eps / K
+};
+
+template <typename T, typename L, int OP, int F>
+__device__ __forceinline__ RowTerms<typename Acc<T>::type> row_terms(
+        const RowState<typename Acc<T>::type>& state, const typename Acc<T>::type* lse_in,
+        const typename Acc<T>::type* loss_grad, const typename Acc<T>::type* weight,
+        const typename Acc<T>::type* weight_sum, long long K, long long lab, int kind, const RowPlace& at,
+        typename Acc<T>::type smoothing, typename Acc<T>::type z_loss) {
+    typedef typename Acc<T>::type A;
+    typedef Plan<L, OP, F> P;
+    RowTerms<A> r;
+    // lse = shift + log_sum_exp, kept apart: log_sum_exp + (shift - y_k) is exact where
+    // lse - y_k would first round a large lse.  An all -inf row has shift 0 and lse -inf.
+    if (P::lse_pass) {
+        r.shift = state.max == -inf_value(A()) ? A(0) : state.max;
+        r.log_sum_exp = log_acc(state.sum);
     } else {
-        shift = lse_in != nullptr && active ? lse_in[row] : zero;
-        log_sum_exp = zero;
+        r.shift = OP == OP_BACKWARD_LSE && at.active ? lse_in[at.row] : A(0);
+        r.log_sum_exp = A(0);
     }
-    const A g = (loss_grad != nullptr && active) ? loss_grad[row] : A(1);
-
-    if (active && lane == 0 && rank == 0) {
-        if (lse_out != nullptr) lse_out[row] = shift + log_sum_exp;
-        if (loss_out != nullptr && !soft) {
-            A loss = log_sum_exp + (shift - state.picked);             // lse - x[label]
-            if (kind == sce::LABEL_IGNORED) loss = zero;
-            if (kind == sce::LABEL_BAD) loss = sce::nan_value(A());    // only reached unchecked
-            loss_out[row] = sce::from_acc<T>(loss);
+    r.one_minus_eps = P::smooth ? A(1) - smoothing : A(1);
+    r.eps_over_k = P::smooth ? smoothing / A(K) : A(0);
+    // sum_k t_k: 1 for a hard label, (1 - eps) sum_k label_k + eps for a soft one
+    const A target_sum = P::soft ? r.one_minus_eps * state.label_sum + (P::smooth ? smoothing : A(0)) : A(1);
+    r.weight = A(1);
+    if (P::weight) {
+        // Paddle's weight_gather: w = sum_k t_k weight_k
+        const A mean_part = P::smooth ? smoothing * (*weight_sum / A(K)) : A(0);
+        if (P::soft) {
+            r.weight = r.one_minus_eps * state.label_weight + mean_part;
+        } else if (kind == LABEL_VALID && at.active) {
+            r.weight = r.one_minus_eps * weight[lab] + mean_part;
         }
     }
+    // d/dy_k [sum_j t_j (lse - y_j) + z lse^2] = softmax_k (sum_j t_j + 2 z lse) - t_k
+    r.prob_scale = P::zloss ? target_sum + A(2) * z_loss * (r.shift + r.log_sum_exp) : target_sum;
+    const A g = (loss_grad != nullptr && at.active) ? loss_grad[at.row] : A(1);
+    r.grad_scale = P::weight ? g * r.weight : g;
+    return r;
+}
 
-    // ---- pass 2: probabilities, soft loss, softmax and gradient
-    const bool need_pass2 = (soft && loss_out != nullptr) || softmax_out != nullptr || grad_out != nullptr;
-    A soft_loss = zero;
-    if (active && need_pass2) {
-        const T* const src_row = (softmax_in != nullptr ? softmax_in : x) + base;
-        // several global loads in flight when pass 2 re-reads the row; from the row cache one chunk
-        // at a time (shared memory is near, and a wide unrolled body only costs registers)
-        constexpr int UNROLL2 = CACHE_ROW ? 1 : UNROLL;
-        for (long long j0 = seg_begin + lane; j0 < seg_end; j0 += (long long)group_size * UNROLL2) {
-            sce::Vec<T, VEC> v[UNROLL2];
-            for (int u = 0; u < UNROLL2; ++u) {
-                const long long j = j0 + (long long)u * group_size;
-                // CACHE_ROW is only launched with pass 1 reading x, so the cache holds this chunk
-                if (j < seg_end) {
-                    v[u] = CACHE_ROW ? row_cache[j - seg_begin] : sce::load_vec<T, VEC>(src_row + j * vec_stride);
+// The row's loss from its cross-entropy term: w * (ce + z lse^2); 0 when ignored, NaN for an
+// unchecked bad label.
+template <int F, typename A>
+__device__ __forceinline__ A finish_loss(A ce, const RowTerms<A>& t, int kind, A z_loss) {
+    A loss = ce;
+    if (F & F_ZLOSS) {
+        const A lse = t.shift + t.log_sum_exp;
+        loss += z_loss * lse * lse;
+    }
+    if (F & F_WEIGHT) loss *= t.weight;
+    if (kind == LABEL_IGNORED) loss = A(0);
+    if (kind == LABEL_BAD) loss = nan_value(A());  // only reached unchecked
+    return loss;
+}
+
+// Step 4 (hard labels): ce = lse - y[label], as log_sum_exp + (shift - y[label]); with smoothing
+// (1 - eps) (lse - y[label]) + eps (lse - mean_k y_k).
+template <typename T, typename L, int OP, int F>
+__device__ __forceinline__ typename Acc<T>::type hard_loss(const RowState<typename Acc<T>::type>& state,
+                                                          const RowTerms<typename Acc<T>::type>& t, long long K,
+                                                          int kind, typename Acc<T>::type smoothing,
+                                                          typename Acc<T>::type z_loss) {
+    typedef typename Acc<T>::type A;
+    A ce = t.log_sum_exp + (t.shift - state.picked);
+    if (F & F_SMOOTH) ce = t.one_minus_eps * ce + smoothing * (t.log_sum_exp + (t.shift - state.y_sum / A(K)));
+    return finish_loss<F>(ce, t, kind, z_loss);
+}
+
+// Step 5 (pass 2): probabilities, the soft loss, the softmax and the gradient, element by element;
+// returns this thread's part of the soft cross-entropy term.
+template <typename T, typename L, int OP, int F, int VEC, bool CACHE_ROW>
+__device__ __forceinline__ typename Acc<T>::type pass2_elements(
+        const T* x, const L* label, const T* softmax_in, T* softmax_out, T* grad_out, long long K,
+        long long inner, int group_size, const RowPlace& at, long long lab, int kind,
+        const RowTerms<typename Acc<T>::type>& t, typename Acc<T>::type softcap, const Vec<T, VEC>* row_cache) {
+    typedef typename Acc<T>::type A;
+    typedef Plan<L, OP, F> P;
+    constexpr int UNROLL = SCE_UNROLL > 0 ? SCE_UNROLL : (sizeof(A) == 8 ? 2 : 4);
+    const A zero = A(0);
+    A soft_ce = zero;
+    if (!at.active) return soft_ce;
+    const long long vec_stride = VEC * inner;
+    const T* const src_row = (OP == OP_BACKWARD_SOFTMAX ? softmax_in : x) + at.base;
+    // several global loads in flight when pass 2 re-reads the row; from the row cache one chunk
+    // at a time (shared memory is near, and a wide unrolled body only costs registers)
+    constexpr int UNROLL2 = CACHE_ROW ? 1 : UNROLL;
+    for (long long j0 = at.seg_begin + at.lane; j0 < at.seg_end; j0 += (long long)group_size * UNROLL2) {
+        Vec<T, VEC> v[UNROLL2];
+        for (int u = 0; u < UNROLL2; ++u) {
+            const long long j = j0 + (long long)u * group_size;
+            // CACHE_ROW is only launched with pass 1 reading x, so the cache holds this chunk
+            if (j < at.seg_end) v[u] = CACHE_ROW ? row_cache[j - at.seg_begin] : load_vec<T, VEC>(src_row + j * vec_stride);
+        }
+        for (int u = 0; u < UNROLL2; ++u) {
+            const long long j = j0 + (long long)u * group_size;
+            if (j >= at.seg_end) continue;
+            Vec<T, VEC> sm, gr;
+            for (int e = 0; e < VEC; ++e) {
+                const long long k = j * VEC + e;
+                const A y = OP == OP_BACKWARD_SOFTMAX ? zero : capped<P::softcap>(to_acc(v[u].v[e]), softcap);
+                const A prob = OP == OP_BACKWARD_SOFTMAX ? to_acc(v[u].v[e]) : exp_shifted((y - t.shift) - t.log_sum_exp);
+                if (P::softmax) sm.v[e] = from_acc<T>(prob);
+                if (!P::soft && !P::grad) continue;
+                // the target t_k, formed in A before any rounding to T (float16 softmax - 1 would cancel)
+                A target;
+                if (P::soft) {
+                    const A lk = label[at.base + k * inner];
+                    target = P::smooth ? t.one_minus_eps * lk + t.eps_over_k : lk;
+                    // a zero target adds 0 even at y_k = -inf (0 * inf would be NaN)
+                    if (P::loss && target != zero) soft_ce += target * (t.log_sum_exp + (t.shift - y));
+                } else {
+                    target = (k == lab ? t.one_minus_eps : zero) + t.eps_over_k;
                 }
-            }
-            for (int u = 0; u < UNROLL2; ++u) {
-                const long long j = j0 + (long long)u * group_size;
-                if (j >= seg_end) continue;
-                sce::Vec<T, VEC> sm, gr;
-                for (int e = 0; e < VEC; ++e) {
-                    const long long k = j * VEC + e;
-                    const A xv = sce::to_acc(v[u].v[e]);
-                    const A prob = softmax_in != nullptr ? xv : sce::exp_shifted((xv - shift) - log_sum_exp);
-                    sm.v[e] = sce::from_acc<T>(prob);
-                    A grad;
-                    if (soft) {
-                        const A lk = label[base + k * inner];
-                        // a zero label adds 0 even at x_k = -inf (0 * inf would be NaN)
-                        if (lk != zero && loss_out != nullptr) soft_loss += lk * (log_sum_exp + (shift - xv));
-                        // d/dx_k sum_j l_j (lse - x_j) = softmax_k * sum_j(l_j) - l_k
-                        grad = (prob * state.label_sum - lk) * g;
-                    } else if (kind == sce::LABEL_IGNORED) {
-                        grad = zero;  // selected, not multiplied: the row's logits may be NaN or inf
-                    } else if (kind == sce::LABEL_BAD) {
-                        grad = sce::nan_value(A());
-                    } else {
-                        // d/dx_k (lse - x_label) = softmax_k - [k == label], formed in A before the
-                        // rounding to T (float16 softmax - 1 would cancel)
-                        grad = (prob - (k == lab ? A(1) : zero)) * g;
-                    }
-                    gr.v[e] = sce::from_acc<T>(grad);
+                if (!P::grad) continue;
+                A grad;
+                if (kind == LABEL_IGNORED) {
+                    grad = zero;  // selected, not multiplied: the row's logits may be NaN or inf
+                } else if (kind == LABEL_BAD) {
+                    grad = nan_value(A());
+                } else {
+                    // d/dy_k loss = w (softmax_k (sum_j t_j + 2 z lse) - t_k); times dy_k/dx_k
+                    grad = (prob * t.prob_scale - target) * t.grad_scale;
+                    if (P::softcap) grad *= cap_slope<true>(y, softcap);
                 }
-                // in place (grad_out == x): this thread loaded chunk j above, before this store
-                if (softmax_out != nullptr) sce::store_vec<T, VEC>(softmax_out + base + j * vec_stride, sm);
-                if (grad_out != nullptr) sce::store_vec<T, VEC>(grad_out + base + j * vec_stride, gr);
+                gr.v[e] = from_acc<T>(grad);
             }
+            // in place (grad_out == x): this thread loaded chunk j above, before this store
+            if (P::softmax) store_vec<T, VEC>(softmax_out + at.base + j * vec_stride, sm);
+            if (P::grad) store_vec<T, VEC>(grad_out + at.base + j * vec_stride, gr);
         }
     }
-    if (soft && loss_out != nullptr) {  // uniform over the block: every thread joins
-        soft_loss = sce::row_allreduce(soft_loss, sce::SumOp<A>(), group_size, columns, sce_dynamic_smem<A>());
+    return soft_ce;
+}
+
+// The body of both row kernels.  CLUSTER > 1 (cupy_sce_rows_cluster): a row is split over the
+// CLUSTER CTAs of a thread block cluster (one row per cluster, group_size == blockDim.x), each
+// CTA keeps its segment of the row in its shared memory (CACHE_ROW), and the CTAs merge their
+// row states through distributed shared memory: one read of the row from global memory even
+// when it is larger than one CTA's shared memory.
+template <typename T, typename L, int OP, int F, int VEC, bool CACHE_ROW, int CLUSTER>
+__device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
+    typedef typename Acc<T>::type A;
+    typedef Plan<L, OP, F> P;
+    static_assert(!CACHE_ROW || (P::lse_pass && P::pass2), "the row cache serves pass 2 from pass 1's reads");
+    const RowPlace at = place_thread<VEC, CLUSTER>(n_rows, K, inner, group_size);
+
+    RowState<A>* const partials = sce_dynamic_smem<RowState<A> >();
+    // this group's segment in shared memory (CACHE_ROW only; the host sized it, 16-byte aligned);
+    // chunk j sits at row_cache[j - seg_begin]
+    Vec<T, VEC>* const row_cache =
+        CACHE_ROW ? reinterpret_cast<Vec<T, VEC>*>(reinterpret_cast<unsigned char*>(partials) + state_area_bytes<A>()) +
+                        (threadIdx.x / group_size) * at.seg_chunks
+                  : nullptr;
+
+    // step 1: the label
+    long long lab = -1;
+    const int kind = at.active && P::labels ? hard_label(label, at.row, K, ignore_index, &lab) : LABEL_VALID;
+    if (at.active && kind == LABEL_BAD && at.lane == 0) record_bad_row(bad_row, at.row);
+
+    // step 2: pass 1, merged over the row's threads
+    RowState<A> state = pass1_row_state<T, L, OP, F, VEC, CACHE_ROW>(x, label, weight, K, inner, group_size, at,
+                                                                    lab, kind, softcap, row_cache);
+    if (P::state_mask != 0) {
+        const MergeRowState<A, P::state_mask> merge;
+        state = row_allreduce(state, merge, group_size, at.columns, partials);
+        if (CLUSTER > 1) state = cluster_allreduce<CLUSTER>(state, merge, partials + SCE_STATE_SLOTS - 1);
+    }
+
+    // step 3: the row's scalars; step 4: its lse and (hard label) loss
+    const RowTerms<A> t = row_terms<T, L, OP, F>(state, lse_in, loss_grad, weight, weight_sum, K, lab, kind, at,
+                                                 smoothing, z_loss);
+    if (at.active && at.lane == 0 && at.rank == 0) {
+        if (P::lse_pass && lse_out != nullptr) lse_out[at.row] = t.shift + t.log_sum_exp;
+        if (P::loss && !P::soft) loss_out[at.row] = hard_loss<T, L, OP, F>(state, t, K, kind, smoothing, z_loss);
+    }
+
+    // step 5: pass 2
+    A soft_ce = A(0);
+    if (P::pass2) {
+        soft_ce = pass2_elements<T, L, OP, F, VEC, CACHE_ROW>(x, label, softmax_in, softmax_out, grad_out, K, inner,
+                                                             group_size, at, lab, kind, t, softcap, row_cache);
+    }
+    if (P::soft && P::loss) {  // uniform over the block: every thread joins
+        soft_ce = row_allreduce(soft_ce, SumOp<A>(), group_size, at.columns, sce_dynamic_smem<A>());
         if (CLUSTER > 1) {
-            soft_loss = sce::cluster_allreduce<CLUSTER>(
-                soft_loss, sce::SumOp<A>(), reinterpret_cast<A*>(partials + SCE_STATE_SLOTS - 1));
+            soft_ce = cluster_allreduce<CLUSTER>(soft_ce, SumOp<A>(),
+                                                 reinterpret_cast<A*>(partials + SCE_STATE_SLOTS - 1));
         }
-        if (active && lane == 0 && rank == 0) loss_out[row] = sce::from_acc<T>(soft_loss);
+        if (at.active && at.lane == 0 && at.rank == 0) loss_out[at.row] = finish_loss<F>(soft_ce, t, kind, z_loss);
     }
 }
 
 }  // namespace sce
 
-template <typename T, typename L, int VEC, bool CACHE_ROW>
-__global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_fused_rows(SCE_FUSED_PARAMS) {
-    sce::fused_rows<T, L, VEC, CACHE_ROW, 1>(SCE_FUSED_ARGS);
+template <typename T, typename L, int OP, int F, int VEC, bool CACHE_ROW>
+__global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_rows(SCE_ROWS_PARAMS) {
+    sce::rows<T, L, OP, F, VEC, CACHE_ROW, 1>(SCE_ROWS_ARGS);
 }
 
 // ------------------------------------------------------------------------------------------
-// cupy_sce_fused_cluster: cupy_sce_fused_rows for rows whose cache does not fit one CTA's shared
+// cupy_sce_rows_cluster: cupy_sce_rows for rows whose cache does not fit one CTA's shared
 // memory.  Arguments as above; grid = n_rows * CLUSTER blocks of group_size threads; dynamic
 // shared memory SCE_STATE_SLOTS RowState<A> + ceil(K / VEC / CLUSTER) vectors (the host opts in
-// above 48 KiB).  Always CACHE_ROW; pass 1 reads x (forward and fused forward+backward).
+// above 48 KiB).  Always CACHE_ROW; pass 1 reads x (the forward ops with a pass 2).
 // Needs sm_90 (thread block clusters); the host launches it only there.
 // ------------------------------------------------------------------------------------------
-template <typename T, typename L, int VEC, int CLUSTER>
-__global__ void __launch_bounds__(SCE_MAX_BLOCK) SCE_CLUSTER_DIMS(CLUSTER) cupy_sce_fused_cluster(SCE_FUSED_PARAMS) {
+template <typename T, typename L, int OP, int F, int VEC, int CLUSTER>
+__global__ void __launch_bounds__(SCE_MAX_BLOCK) SCE_CLUSTER_DIMS(CLUSTER) cupy_sce_rows_cluster(SCE_ROWS_PARAMS) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     __trap();  // no clusters before sm_90 (compiled so that one module serves every device)
 #else
-    sce::fused_rows<T, L, VEC, true, CLUSTER>(SCE_FUSED_ARGS);
+    sce::rows<T, L, OP, F, VEC, true, CLUSTER>(SCE_ROWS_ARGS);
 #endif
 }
 

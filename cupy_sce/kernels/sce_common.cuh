@@ -77,6 +77,8 @@ __device__ __forceinline__ float exp_shifted(float d) {
 #endif
 }
 __device__ __forceinline__ double exp_shifted(double d) { return exp(d); }
+__device__ __forceinline__ float tanh_acc(float v) { return tanhf(v); }
+__device__ __forceinline__ double tanh_acc(double v) { return tanh(v); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
 __device__ __forceinline__ double log_acc(double v) { return log(v); }
 
@@ -118,14 +120,32 @@ __device__ __forceinline__ void record_bad_row(unsigned long long* bad_row, long
 
 // ---------------------------------------------------------------- online log-sum-exp
 
-// Per-thread state of one row: running max, sum of exp(x - max), the label's logit (only its
-// owner lane holds it, others hold 0, so merging is a sum) and, for soft labels, sum_k label_k.
-// A plain struct: it lives in shared memory, which allows no constructors.
+// Per-thread state of one row, merged over the threads (and CTAs) that share the row:
+//   max, sum     running max and sum of exp(y - max) (y: the logits, soft-capped if asked)
+//   picked       the label's logit y[label] (only its owner lane holds it, others 0: merging is a sum)
+//   label_sum    soft labels: sum_k label_k
+//   y_sum        label smoothing with hard labels: sum_k y_k (the smoothing term's mean logit)
+//   label_weight soft labels with class weights: sum_k label_k * weight_k
+// A plain struct: it lives in shared memory, which allows no constructors.  Which fields a kernel
+// variant uses is a compile-time mask (STATE_*): the others are never shuffled, merged or stored
+// into, so a variant pays only for what it computes.  SCE_STATE_FIELDS is its size in values of A
+// (_cupy_backend.STATE_FIELDS; the harness reports sizeof, a test compares).
+#define SCE_STATE_FIELDS 6
 template <typename A> struct RowState {
     A max;
     A sum;
     A picked;
     A label_sum;
+    A y_sum;
+    A label_weight;
+};
+
+enum StateField : unsigned {
+    STATE_LSE = 1,           // max and sum
+    STATE_PICKED = 2,
+    STATE_LABEL_SUM = 4,
+    STATE_Y_SUM = 8,
+    STATE_LABEL_WEIGHT = 16,
 };
 
 template <typename A> __device__ __forceinline__ RowState<A> row_state_init() {
@@ -134,6 +154,8 @@ template <typename A> __device__ __forceinline__ RowState<A> row_state_init() {
     s.sum = A(0);
     s.picked = A(0);
     s.label_sum = A(0);
+    s.y_sum = A(0);
+    s.label_weight = A(0);
     return s;
 }
 
@@ -148,20 +170,27 @@ template <typename A> __device__ __forceinline__ void rebase(RowState<A>& s, A c
     }
 }
 
-template <typename A> struct MergeRowState {
+// Merges the fields in MASK (StateField bits); the rest keep a's values.
+template <typename A, unsigned MASK> struct MergeRowState {
     __device__ __forceinline__ RowState<A> operator()(RowState<A> a, RowState<A> b) const {
-        RowState<A> r;
-        r.max = nan_max(a.max, b.max);
-        if (r.max == -inf_value(A())) {
-            r.sum = A(0);
-        } else {
-            // commutative, so every lane of the butterfly ends with bit-identical values
-            r.sum = a.sum * exp_acc(a.max - r.max) + b.sum * exp_acc(b.max - r.max);
+        RowState<A> r = a;
+        if (MASK & STATE_LSE) {
+            r.max = nan_max(a.max, b.max);
+            if (r.max == -inf_value(A())) {
+                r.sum = A(0);
+            } else {
+                // commutative, so every lane of the butterfly ends with bit-identical values
+                r.sum = a.sum * exp_acc(a.max - r.max) + b.sum * exp_acc(b.max - r.max);
+            }
         }
-        r.picked = a.picked + b.picked;
-        r.label_sum = a.label_sum + b.label_sum;
+        if (MASK & STATE_PICKED) r.picked = a.picked + b.picked;
+        if (MASK & STATE_LABEL_SUM) r.label_sum = a.label_sum + b.label_sum;
+        if (MASK & STATE_Y_SUM) r.y_sum = a.y_sum + b.y_sum;
+        if (MASK & STATE_LABEL_WEIGHT) r.label_weight = a.label_weight + b.label_weight;
         return r;
     }
+    // the shuffle of the merged fields only (group_allreduce calls it)
+    __device__ __forceinline__ RowState<A> shfl_xor(RowState<A> v, int lane_mask) const;
 };
 
 template <typename A> struct MaxOp {
@@ -180,13 +209,27 @@ __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
 __device__ __forceinline__ double shfl_xor(double v, int lane_mask) {
     return __shfl_xor_sync(0xffffffffu, v, lane_mask);
 }
-template <typename A> __device__ __forceinline__ RowState<A> shfl_xor(RowState<A> v, int lane_mask) {
-    RowState<A> r;
-    r.max = shfl_xor(v.max, lane_mask);
-    r.sum = shfl_xor(v.sum, lane_mask);
-    r.picked = shfl_xor(v.picked, lane_mask);
-    r.label_sum = shfl_xor(v.label_sum, lane_mask);
+template <typename A, unsigned MASK>
+__device__ __forceinline__ RowState<A> MergeRowState<A, MASK>::shfl_xor(RowState<A> v, int lane_mask) const {
+    RowState<A> r = v;
+    if (MASK & STATE_LSE) {
+        r.max = sce::shfl_xor(v.max, lane_mask);
+        r.sum = sce::shfl_xor(v.sum, lane_mask);
+    }
+    if (MASK & STATE_PICKED) r.picked = sce::shfl_xor(v.picked, lane_mask);
+    if (MASK & STATE_LABEL_SUM) r.label_sum = sce::shfl_xor(v.label_sum, lane_mask);
+    if (MASK & STATE_Y_SUM) r.y_sum = sce::shfl_xor(v.y_sum, lane_mask);
+    if (MASK & STATE_LABEL_WEIGHT) r.label_weight = sce::shfl_xor(v.label_weight, lane_mask);
     return r;
+}
+
+// Scalar reductions shuffle the value itself.
+template <typename Op, typename V> __device__ __forceinline__ V op_shfl_xor(const Op&, V v, int lane_mask) {
+    return shfl_xor(v, lane_mask);
+}
+template <typename A, unsigned MASK>
+__device__ __forceinline__ RowState<A> op_shfl_xor(const MergeRowState<A, MASK>& op, RowState<A> v, int lane_mask) {
+    return op.shfl_xor(v, lane_mask);
 }
 
 // All-reduce over a group of `group_size` consecutive threads (a power of two, groups aligned;
@@ -198,7 +241,7 @@ __device__ __forceinline__ V group_allreduce(V v, Op op, int group_size, V* warp
     const int width = group_size < 32 ? group_size : 32;
     // xor partners stay inside an aligned power-of-two group
     for (int lane_mask = width / 2; lane_mask > 0; lane_mask /= 2) {
-        v = op(v, shfl_xor(v, lane_mask));
+        v = op(v, op_shfl_xor(op, v, lane_mask));
     }
     if (group_size > 32) {
         const int warp = threadIdx.x / 32;
@@ -209,7 +252,7 @@ __device__ __forceinline__ V group_allreduce(V v, Op op, int group_size, V* warp
         // over n_warps lanes (log2 steps) instead of a serial merge of n_warps values per thread
         v = warp_partials[threadIdx.x % n_warps];
         for (int lane_mask = n_warps / 2; lane_mask > 0; lane_mask /= 2) {
-            v = op(v, shfl_xor(v, lane_mask));
+            v = op(v, op_shfl_xor(op, v, lane_mask));
         }
         __syncthreads();  // warp_partials is reused by the next reduction
     }

@@ -91,7 +91,8 @@ def registry_source(names=None):
 def build(asan=False, kernel_dir=None, source='sce.cu', names=None, options=()):
     """Compile the harness library for ``kernel_dir/source`` (cached by content); returns its path.
 
-    Defaults: the package's kernels and every instantiation in ``name_expressions``.
+    Defaults: the package's kernels and every instantiation in ``name_expressions`` (tests build
+    one ``library(key)`` per feature set instead).
     ``options``: extra ``-D`` flags, as NVRTC takes them (``_kernels.TUNING_KNOBS``).
     """
     reason = unavailable_reason()
@@ -160,17 +161,50 @@ def load(path):
     return lib
 
 
-def library():
-    """The library the backend uses: the package's kernels, or CUPY_SCE_HARNESS_KERNEL_DIR's
+def library_key(name):
+    """Which harness library holds the instantiation ``name``: its feature bits (0 for the
+    featureless kernels and the building blocks).  One library per feature set, over all dtypes,
+    built when a kernel of it is first launched: a run that uses no feature builds one."""
+    key = _kernels.module_key(name)
+    return key[1] if isinstance(key, tuple) else 0
+
+
+def library_names(key, dtypes=DTYPES):
+    return [n for dt in dtypes for n in _kernels.name_expressions(dt) if library_key(n) == key]
+
+
+def library(key=0, names=None, options=()):
+    """The library with feature set ``key``: the package's kernels, or CUPY_SCE_HARNESS_KERNEL_DIR's
     (mutation tests), built with ASan when CUPY_SCE_HARNESS_ASAN=1."""
-    return load(build(asan=os.environ.get('CUPY_SCE_HARNESS_ASAN') == '1',
-                      kernel_dir=os.environ.get('CUPY_SCE_HARNESS_KERNEL_DIR')))
+    return load(_library_path(key, names, options))
 
 
-def kernel_names():
-    """The instantiations compiled into the harness."""
-    lib = library()
+def _library_path(key, names=None, options=()):
+    return build(asan=os.environ.get('CUPY_SCE_HARNESS_ASAN') == '1',
+                 kernel_dir=os.environ.get('CUPY_SCE_HARNESS_KERNEL_DIR'),
+                 names=library_names(key) if names is None else names, options=options)
+
+
+def prebuild(keys):
+    """Build the libraries ``keys`` (as ``library`` would) with one g++ at a time per core: a test
+    that launches every feature set waits for the builds about 1 / cores as long."""
+    import concurrent.futures
+    keys = list(keys)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(keys), len(os.sched_getaffinity(0))))) as pool:
+        list(pool.map(_library_path, keys))
+
+
+def kernel_names(key=0):
+    """The instantiations compiled into the harness library ``key``."""
+    lib = library(key)
     return [lib.sce_harness_kernel_name(i).decode() for i in range(lib.sce_harness_kernel_count())]
+
+
+def layout_constants(acc_bytes=4):
+    """(sizeof(RowState<A>), SCE_STATE_SLOTS, SCE_COLUMN_ROWS) as the compiled kernels see them."""
+    lib = library()
+    return (lib.sce_harness_state_bytes(acc_bytes), lib.sce_harness_state_slots(),
+            lib.sce_harness_column_rows())
 
 
 def is_asan():
@@ -220,7 +254,7 @@ def launch(name, grid, block, args, shared_mem=0, seed=None, blocks=None, lib=No
         seed = int(os.environ.get('CUPY_SCE_HARNESS_SEED', '12345'))
     only = (ctypes.c_uint * max(len(blocks or ()), 1))(*(blocks or ()))
     error = ctypes.create_string_buffer(4096)
-    status = (lib or library()).sce_harness_launch(
+    status = (lib or library(library_key(name))).sce_harness_launch(
         name.encode(), _dims(grid), _dims(block), int(shared_mem), int(max_shared), int(cluster), ptrs, sizes,
         len(args), seed,
         only, len(blocks or ()), error, len(error))
@@ -231,7 +265,7 @@ def launch(name, grid, block, args, shared_mem=0, seed=None, blocks=None, lib=No
 class _HarnessKernel:
     """Stands in for ``cupy.RawKernel``: the call, and the opt-in attribute for shared memory."""
 
-    def __init__(self, name, lib=None):
+    def __init__(self, name, lib):
         self.name = name
         self.lib = lib
         self.max_dynamic_shared_size_bytes = DEFAULT_SHARED_LIMIT
@@ -253,11 +287,8 @@ class HarnessRuntime:
         self.launched = []  # kernel names, in order: tests check which variant ran
         self.kernels = {}
         self.dtypes = None if dtypes is None else [numpy.dtype(d) for d in dtypes]
-        self.lib = None
-        if options or dtypes is not None:
-            names = [n for dt in (self.dtypes or DTYPES) for n in _kernels.name_expressions(dt)]
-            self.lib = load(build(asan=os.environ.get('CUPY_SCE_HARNESS_ASAN') == '1',
-                                  names=names, options=options))
+        self.options = tuple(options)
+        self.libs = {}
 
     def kernel(self, dtype, name):
         if name not in _kernels.name_expressions(dtype):
@@ -267,7 +298,14 @@ class HarnessRuntime:
                 self.dtypes, numpy.dtype(dtype)))
         self.launched.append(name)
         # one object per kernel, like RawModule.get_function: an opt-in set once stays set
-        return self.kernels.setdefault(name, _HarnessKernel(name, self.lib))
+        kernel = self.kernels.get(name)
+        if kernel is None:
+            key = library_key(name)
+            if key not in self.libs:
+                names = None if self.dtypes is None else library_names(key, self.dtypes)
+                self.libs[key] = library(key, names, self.options)
+            kernel = self.kernels[name] = _HarnessKernel(name, self.libs[key])
+        return kernel
 
     @staticmethod
     def limits():

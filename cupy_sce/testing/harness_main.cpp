@@ -335,6 +335,15 @@ int sce_harness_kernel_count() { return (int)(sizeof sce_host::kRegistry / sizeo
 
 const char* sce_harness_kernel_name(int i) { return sce_host::kRegistry[i].name; }
 
+#ifdef SCE_STATE_SLOTS  // the library's kernels (not the harness self-test source)
+// The layout constants the host computes shared memory from (_cupy_backend checks them in a test).
+int sce_harness_state_bytes(int acc_bytes) {
+    return acc_bytes == 8 ? (int)sizeof(sce::RowState<double>) : (int)sizeof(sce::RowState<float>);
+}
+int sce_harness_state_slots() { return SCE_STATE_SLOTS; }
+int sce_harness_column_rows() { return SCE_COLUMN_ROWS; }
+#endif
+
 int sce_harness_is_asan() {
 #ifdef SCE_ASAN
     return 1;
