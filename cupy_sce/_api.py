@@ -203,15 +203,20 @@ class _Problem:
 
     def _set_features(self, weight, label_smoothing, z_loss, softcap):
         """The loss family's options, checked; ``features`` is their bit set (_kernels.F_*)."""
+        def acc(value):
+            with numpy.errstate(over='ignore'):  # a float32 overflow is reported below, not warned
+                return self.acc_dtype.type(value)
         self.label_smoothing = _check_real('label_smoothing', label_smoothing)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError('label_smoothing must be in [0, 1), got {!r}'.format(label_smoothing))
+        # the kernels take these in the compute dtype: a value finite in float64 may not be in float32
         self.z_loss = _check_real('z_loss', z_loss)
-        if not 0.0 <= self.z_loss < math.inf:
-            raise ValueError('z_loss must be a finite number >= 0, got {!r}'.format(z_loss))
+        if not (0.0 <= self.z_loss and numpy.isfinite(acc(self.z_loss))):
+            raise ValueError('z_loss must be a finite number >= 0 (in {}), got {!r}'.format(self.acc_dtype, z_loss))
         self.softcap = None if softcap is None else _check_real('softcap', softcap)
-        if self.softcap is not None and not 0.0 < self.softcap < math.inf:
-            raise ValueError('softcap must be a finite number > 0 (or None), got {!r}'.format(softcap))
+        if self.softcap is not None and not (acc(self.softcap) > 0 and numpy.isfinite(acc(self.softcap))):
+            raise ValueError('softcap must be a finite number > 0 (in {}) or None, got {!r}'.format(
+                self.acc_dtype, softcap))
         self.weight = self.weight_sum = None
         if weight is not None:
             if weight.dtype.kind != 'f':
@@ -265,6 +270,11 @@ class _Problem:
     def loss_grad_rows(self, loss_grad):
         """``loss_grad`` as (outer, inner) in the compute dtype; None (ones) stays None."""
         return None if loss_grad is None else self.row_array(loss_grad, 'loss_grad', self.acc_dtype)
+
+    def ignored(self):
+        """Hard labels: the mask of ignored rows ((outer, inner)).  ``ignore_index`` is compared
+        as int64: int32 labels and a value outside their range must not overflow."""
+        return self.label == self.xp.asarray(self.ignore_index, dtype=numpy.int64)
 
     def reject_bad_labels_before_overwrite(self, backend, grad):
         """When the gradient is written into the logits (``grad is self.x``), raise for a bad
@@ -331,7 +341,7 @@ def _normalizer(p):
         # sum over rows of sum_k t_k w_k, t = (1 - eps) label + eps / K
         labelled = xp.einsum('oki,k->', p.label, p.weight)
         return (1 - eps) * labelled + eps * n * p.weight_sum[0] / p.K
-    counted = p.label != p.ignore_index
+    counted = ~p.ignored()
     if p.weight is None:
         return counted.sum(dtype=acc)
     # a bad label reads class 0 here (its loss is NaN, or it raises); weight_k of row's target
@@ -408,11 +418,12 @@ def _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smo
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
 
-def _check_use_softmax(use_softmax, z_loss, softcap):
+def _check_use_softmax(use_softmax, p):
+    """After the problem's own checks: z_loss and softcap act on logits."""
     use_softmax = _check_bool('use_softmax', use_softmax)
-    if not use_softmax and (z_loss != 0 or softcap is not None):
+    if not use_softmax and (p.z_loss != 0 or p.softcap is not None):
         raise ValueError('z_loss and softcap need use_softmax=True (they act on logits), got z_loss={!r}, '
-                         'softcap={!r}'.format(z_loss, softcap))
+                         'softcap={!r}'.format(p.z_loss, p.softcap))
     return use_softmax
 
 
@@ -429,8 +440,8 @@ def forward(logits, label, soft_label=False, ignore_index=-100, axis=-1, *, weig
     """
     xp, (logits, label, weight) = _as_arrays([('logits', logits), ('label', label), ('weight', weight)])
     reduction = _check_reduction(reduction)
-    use_softmax = _check_use_softmax(use_softmax, z_loss, softcap)
     p = _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
+    use_softmax = _check_use_softmax(use_softmax, p)
     loss = _loss_rows(p)
     if not use_softmax:
         p.check(_probabilities.forward_out(p, loss))
@@ -441,7 +452,7 @@ def forward(logits, label, soft_label=False, ignore_index=-100, axis=-1, *, weig
 
 
 def cross_entropy(input, label, weight=None, ignore_index=-100, reduction='mean', soft_label=False, axis=-1,
-                  use_softmax=True, label_smoothing=0.0, *, z_loss=0.0, softcap=None):
+                  use_softmax=True, label_smoothing=0.0, name=None, *, z_loss=0.0, softcap=None):
     """Paddle's ``paddle.nn.functional.cross_entropy`` on numpy or cupy arrays, plus ``z_loss``
     (PaLM: each row's loss gains ``z_loss * lse**2``) and ``softcap`` (Gemma 2: the logits become
     ``softcap * tanh(logits / softcap)`` first).
@@ -449,12 +460,13 @@ def cross_entropy(input, label, weight=None, ignore_index=-100, reduction='mean'
     ``reduction='none'`` returns the label's shape for hard labels (with or without the size-1
     class axis, as given) and the input's shape with ``shape[axis] == 1`` for soft labels;
     'mean' and 'sum' return a 0-d array of the input's dtype.  ``use_softmax=False``: ``input``
-    holds probabilities (see README, Semantics).
+    holds probabilities (see README, Semantics).  ``name`` is accepted for Paddle compatibility
+    and ignored.
     """
     xp, (input, label, weight) = _as_arrays([('input', input), ('label', label), ('weight', weight)])
     reduction = _check_reduction(reduction)
-    use_softmax = _check_use_softmax(use_softmax, z_loss, softcap)
     p = _family(xp, input, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
+    use_softmax = _check_use_softmax(use_softmax, p)
     loss = _loss_rows(p)
     if use_softmax:
         p.check(_backend_for(xp).forward_out(p, loss, None, None))
@@ -509,8 +521,10 @@ def backward(loss_grad, logits, lse, label, soft_label=False, ignore_index=-100,
         [('loss_grad', loss_grad), ('logits', logits), ('lse', lse), ('label', label), ('out', out),
          ('weight', weight)])
     reduction = _check_reduction(reduction)
-    use_softmax = _check_use_softmax(use_softmax, z_loss, softcap)
     p = _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
+    use_softmax = _check_use_softmax(use_softmax, p)
+    if use_softmax and lse is None:
+        raise ValueError('lse is required (from forward) unless use_softmax=False')
     lse2 = p.row_array(lse, 'lse', p.acc_dtype) if use_softmax else None
     row_grad = _row_loss_grad(p, loss_grad, reduction)
     grad, target, copy_back = _grad_target(p, out, 'out')
@@ -553,8 +567,8 @@ def forward_backward(logits, label, loss_grad=None, soft_label=False, ignore_ind
         [('logits', logits), ('label', label), ('loss_grad', loss_grad), ('weight', weight)])
     inplace = _check_bool('inplace', inplace)
     reduction = _check_reduction(reduction)
-    use_softmax = _check_use_softmax(use_softmax, z_loss, softcap)
     p = _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
+    use_softmax = _check_use_softmax(use_softmax, p)
     row_grad = _row_loss_grad(p, loss_grad, reduction)
     grad, target, copy_back = _grad_target(p, logits if inplace else None, 'logits')
     backend = _backend_for(xp)

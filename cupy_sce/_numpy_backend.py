@@ -33,9 +33,9 @@ import typing
 
 import numpy
 
-# Elements of one tile (4 MiB of float32).  Measured on 2 cores (1 MiB L2 each, 32 MiB L3),
-# interleaved: 1M-element tiles beat 256K by 15-35% at 4096x32000 and 65536x1000 (each tile
-# pays about 25 NumPy calls of Python overhead, partly under the GIL); 2M gains nothing more.
+# Elements of one tile (4 MiB of float32): large enough that the about 25 NumPy calls a tile
+# pays in Python overhead (partly under the GIL) are small against its work, small enough to stay
+# in a shared L3; the measurements behind it are in docs/performance.md.
 BLOCK_ELEMENTS = 1 << 20
 # Smaller problems get smaller tiles, down to this, so that every thread has
 # TILES_PER_THREAD of them to balance the load.
@@ -43,6 +43,9 @@ MIN_BLOCK_ELEMENTS = 1 << 16
 TILES_PER_THREAD = 4
 # Contiguous rows with at most this many classes are transposed (see module docstring).
 SMALL_K = 64
+# Label smoothing sums the logits in float32 while every row's |lse| is at most this, else in
+# float64 (see _Family.smoothed_hard_loss): at 64 the float32 sum is off by a few 1e-6.
+SMOOTH_DIRECT_LSE = 64.0
 
 _local = threading.local()
 _pool = None
@@ -224,8 +227,9 @@ def _row_max(x):
     return x.max(axis=1, keepdims=True)
 
 
-def _row_sum(e):
-    """Sum over the class axis of a tile-shaped ``(ob, K, ib)`` array, in an order that
+def _row_sum(e, dtype=None):
+    """Sum over the class axis of a tile-shaped ``(ob, K, ib)`` array (accumulated in ``dtype``,
+    default the array's), in an order that
     depends on K alone, so that a row's sum (and every result) is the same whatever batch,
     tiling or thread count it comes in.
 
@@ -239,10 +243,10 @@ def _row_sum(e):
     rows, K, cols = e.shape
     if cols == 1 and K > SMALL_K:
         flat = e[:, :, 0] if rows > 1 else numpy.broadcast_to(e[:, :, 0], (2, K))
-        return numpy.einsum('ij->i', flat)[:rows, None, None]
+        return numpy.einsum('ij->i', flat, dtype=dtype)[:rows, None, None]
     if rows * cols == 1:
-        return numpy.broadcast_to(e, (1, K, 2)).sum(axis=1, keepdims=True)[:, :, :1]
-    return e.sum(axis=1, keepdims=True)
+        return numpy.broadcast_to(e, (1, K, 2)).sum(axis=1, keepdims=True, dtype=dtype)[:, :, :1]
+    return e.sum(axis=1, keepdims=True, dtype=dtype)
 
 
 class _RowSums(typing.NamedTuple):
@@ -458,10 +462,23 @@ class _Family:
         return ce if self.weight is None else ce * self.weight
 
     def smoothed_hard_loss(self, b, ce, shift, log_sum_exp):
-        """Hard labels with smoothing: ``(1 - eps) ce + eps (lse - mean_k y_k)``."""
+        """Hard labels with smoothing: ``(1 - eps) ce + eps (lse - mean_k y_k)``.
+
+        ``lse - mean_k y_k`` cancels when the logits share a large offset (at 1e4 a float32 sum
+        of y would cost 4 digits).  Where every row's ``|lse|`` is at most SMOOTH_DIRECT_LSE (then
+        no logit exceeds it, and the term is not smaller than the terms' magnitude) a float32
+        sum of y is exact enough; otherwise y is summed in float64.  The same summation order
+        either way (``_row_sum``), so a row's bits do not depend on its tile.
+        """
         if not self.eps:
             return ce
-        return (1 - self.eps) * ce + self.eps * (log_sum_exp + (shift - _row_sum(b.x) / b.p.K))
+        p = b.p
+        lse = shift + log_sum_exp
+        if p.acc_dtype == numpy.float32 and not numpy.all(numpy.abs(lse) <= SMOOTH_DIRECT_LSE):
+            mean_term = (shift - _row_sum(b.x, numpy.float64) / p.K).astype(p.acc_dtype)
+        else:
+            mean_term = shift - _row_sum(b.x) / p.K
+        return (1 - self.eps) * ce + self.eps * (log_sum_exp + mean_term)
 
     def hard_gradient(self, b, labels, tile, label_prob, scale, gw):
         """Step 5's label terms on a tile holding ``softmax * scale * gw`` (``scale``: ``prob_scale``): subtract the
@@ -478,9 +495,11 @@ def _cap_slope(b, tile):
     c = b.p.softcap
     if c is None:
         return
+    # (1 - t)(1 + t), not 1 - t*t: 1 - t is exact for t in [1/2, 1], so the slope keeps its
+    # relative precision near saturation
     t = numpy.divide(b.x, c, out=_scratch('slope', b.x.shape, b.p.acc_dtype))
-    tile *= 1 - t
-    tile *= 1 + t
+    tile *= numpy.add(t, 1, out=_scratch('slope+', b.x.shape, b.p.acc_dtype))
+    tile *= numpy.subtract(1, t, out=t)
 
 
 def _labels_clean(p):

@@ -22,7 +22,7 @@ class _Rows:
             self.target = p.label if not eps else (1 - eps) * p.label + eps / p.K
             self.weight = None if p.weight is None else xp.einsum('oki,k->oi', self.target, p.weight)
             return
-        self.ignored = p.label == p.ignore_index
+        self.ignored = p.ignored()
         self.bad = ~self.ignored & ((p.label < 0) | (p.label >= p.K))
         self.index = xp.where(self.ignored | self.bad, 0, p.label)
         self.weight = None
@@ -30,9 +30,10 @@ class _Rows:
             self.weight = (1 - eps) * xp.take(p.weight, self.index)
             if eps:
                 self.weight = self.weight + eps * p.weight_sum[0] / p.K
-        if p.check_labels:
-            first = xp.flatnonzero(self.bad.ravel())
-            self.bad_row = int(first[0]) if first.size else None
+        if p.check_labels:  # one scalar read back, as the kernels' label check
+            bad = self.bad.ravel()
+            first = int(xp.where(bad.any(), xp.argmax(bad), -1)) if bad.size else -1
+            self.bad_row = first if first >= 0 else None
 
     def mask(self, rows_or_tile, xp):
         """Ignored rows 0, unchecked bad rows NaN (selected: their inputs may be anything)."""

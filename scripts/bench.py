@@ -135,7 +135,8 @@ def naive(xp, op, x, label, axis):
             'forward+backward': forward_backward, 'forward+backward inplace': None}[op]
 
 
-def torch_peer(op, x, label, axis, device):
+def torch_tensors(device, *arrays):
+    """(torch, F, tensors) for the peer on ``device``, or None without PyTorch (or its CUDA)."""
     try:
         import torch
         import torch.nn.functional as F
@@ -143,11 +144,20 @@ def torch_peer(op, x, label, axis, device):
         return None
     if device == 'cuda' and not torch.cuda.is_available():
         return None
-    if device == 'cuda' and hasattr(x, '__dlpack__'):  # zero-copy view of the CuPy arrays
-        xt, lt = torch.from_dlpack(x), torch.from_dlpack(label)
-    else:
-        xt = torch.as_tensor(numpy.asarray(x.get() if hasattr(x, 'get') else x)).to(device)
-        lt = torch.as_tensor(numpy.asarray(label.get() if hasattr(label, 'get') else label)).to(device)
+    tensors = []
+    for a in arrays:
+        if device == 'cuda' and hasattr(a, '__dlpack__'):  # zero-copy view of the CuPy arrays
+            tensors.append(torch.from_dlpack(a))
+        else:
+            tensors.append(torch.as_tensor(numpy.asarray(a.get() if hasattr(a, 'get') else a)).to(device))
+    return torch, F, tensors
+
+
+def torch_peer(op, x, label, axis, device):
+    found = torch_tensors(device, x, label)
+    if found is None:
+        return None
+    torch, F, (xt, lt) = found
     lt = lt.squeeze(axis)
     class_axis = axis % xt.ndim
     if class_axis != 1:  # F.cross_entropy wants classes on dim 1
@@ -349,6 +359,7 @@ def run_cpu(args, rows):
                 row['extra_peak_mib'] = extra_peak_bytes(ours_fn) / 2 ** 20
                 row['logits_mib'] = x.nbytes / 2 ** 20
             emit(rows, row, peers)
+    run_feature_costs(numpy, time_cpu, args, rows, 'cpu')
 
 
 # The loss family's cost (forward+backward, reduction='mean'), each against the featureless call
@@ -366,15 +377,11 @@ FEATURE_SETS = [
 
 def torch_family_peer(x, label, weight, axis, device):
     """PyTorch's F.cross_entropy forward+backward with class weights and label smoothing (mean)."""
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
+    found = torch_tensors(device, x, label, weight)
+    if found is None:
         return None
-    if device == 'cuda' and not torch.cuda.is_available():
-        return None
-    to_torch = (lambda a: torch.from_dlpack(a)) if device == 'cuda' else (lambda a: torch.as_tensor(a))
-    xt, lt, wt = to_torch(x), to_torch(label).squeeze(axis), to_torch(weight)
+    _, F, (xt, lt, wt) = found
+    lt = lt.squeeze(axis)
 
     def forward_backward():
         xg = xt.detach().requires_grad_(True)

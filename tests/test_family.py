@@ -502,7 +502,8 @@ def test_cross_entropy_equals_forward(backend, reduction, name):
 
 def test_cross_entropy_positional_arguments_follow_paddle(backend):
     """cross_entropy(input, label, weight, ignore_index, reduction, soft_label, axis, use_softmax,
-    label_smoothing); z_loss and softcap are keyword-only, as are the family's keywords elsewhere."""
+    label_smoothing, name); z_loss and softcap are keyword-only, as are the family's keywords
+    elsewhere."""
     rng = numpy.random.default_rng(53)
     x, label = make_case(rng, (4, 5, 3), 1, dtype=numpy.float64, ignore_index=2)
     w = make_weight(rng, 5, numpy.float64)
@@ -510,7 +511,7 @@ def test_cross_entropy_positional_arguments_follow_paddle(backend):
     ref = reference_family(x, label, weight=w, ignore_index=2, reduction='sum', axis=1, label_smoothing=0.1)
     numpy.testing.assert_allclose(got, ref['loss'], rtol=1e-12)
     with pytest.raises(TypeError):
-        cupy_sce.cross_entropy(x, label, w, 2, 'sum', False, 1, True, 0.1, 0.01)     # z_loss positional
+        cupy_sce.cross_entropy(x, label, w, 2, 'sum', False, 1, True, 0.1, None, 0.01)  # z_loss positional
     lab = numpy.zeros((4, 1), numpy.int64)
     xs = numpy.zeros((4, 5))
     with pytest.raises(TypeError):
@@ -739,3 +740,42 @@ def test_good_boundary_values_are_accepted(numpy_backend):
         call(softcap=1e-3)
         for reduction in REDUCTIONS:
             call(reduction=reduction)
+
+
+# ----------------------------------------------------------------------------- found in review
+
+@pytest.mark.parametrize('base', [0.0, 1e3, 1e4])
+def test_smoothing_keeps_its_digits_at_large_logits(backend, base):
+    """lse - mean_k y_k is formed from deviations, not from sum_k y_k: a common offset of 1e4
+    would otherwise cost 4 digits of the smoothed loss."""
+    rng = numpy.random.default_rng(71)
+    for K in (300, 2000):  # a thread or a warp per row on the kernels
+        x = (base + rng.standard_normal((4, K))).astype(numpy.float32)
+        label = rng.integers(0, K, (4, 1))
+        ref = reference_family(x, label, label_smoothing=0.1)['loss']
+        for fn in (cupy_sce.forward, cupy_sce.forward_backward):
+            loss = backend(fn, x, label, label_smoothing=0.1)[0]
+            numpy.testing.assert_allclose(loss, ref, rtol=1e-6)
+
+
+def test_review_findings_on_arguments(numpy_backend):
+    x = numpy.array([[0.5, 0.0, 1.0]], numpy.float32)
+    label = numpy.array([1])
+    with pytest.raises(ValueError, match='lse is required'):
+        cupy_sce.backward(None, x, None, label)
+    # finite in float64, not in the float32 the kernels compute in
+    with pytest.raises(ValueError, match='softcap'):
+        cupy_sce.cross_entropy(x, label, softcap=1e39)
+    with pytest.raises(ValueError, match='z_loss'):
+        cupy_sce.cross_entropy(x, label, z_loss=1e39)
+    with pytest.raises(ValueError, match='softcap'):
+        cupy_sce.cross_entropy(x, label, softcap=1e-50)  # 0 in float32
+    # a bad value is reported as such, also with use_softmax=False
+    with pytest.raises(TypeError, match='z_loss'):
+        cupy_sce.forward(x, label, z_loss='a', use_softmax=False)
+    with pytest.raises(ValueError, match='z_loss must be'):
+        cupy_sce.forward(x, label, z_loss=-1.0, use_softmax=False)
+    # Paddle's name= is accepted; int32 labels with an ignore_index beyond int32 work
+    assert cupy_sce.cross_entropy(x, label, name='loss').shape == ()
+    loss = cupy_sce.cross_entropy(x, label.astype(numpy.int32), ignore_index=2 ** 40, reduction='mean')
+    numpy.testing.assert_allclose(loss, reference_family(x, label)['loss'][0, 0], rtol=1e-6)

@@ -143,9 +143,8 @@ FEATURE_PARAMS = {5: _kernels.F_WEIGHT, 6: _kernels.F_WEIGHT | _kernels.F_SMOOTH
 def test_a_variant_pays_nothing_for_features_it_does_not_use(dtype):
     """Each feature is compile-time: a variant loads a feature's parameter (class weights, their
     sum, the smoothing, z-loss and cap values) exactly when it has the feature, so whatever the
-    feature computes is absent from the others; and the featureless variant needs no more
-    registers than the one with every feature."""
-    registers = _registers(dtype, 'sm_90')
+    feature computes is absent from the others.  (Register counts are no such measure: ptxas
+    gave a featureless float64 kernel 64 registers and its all-features twin 60.)"""
     ptx, lowered = _compiled(dtype)
     bodies = _entry_bodies(ptx)
     for op in _kernels.FEATURE_OPS:
@@ -157,7 +156,6 @@ def test_a_variant_pays_nothing_for_features_it_does_not_use(dtype):
                 for index, needs in FEATURE_PARAMS.items():
                     loaded = '{}_param_{}]'.format(lowered[name], index) in body
                     assert loaded == (f & needs == needs), (name, index, loaded)
-            assert registers[lowered[names[0]]] <= registers[lowered[names[_kernels.ALL_FEATURES]]]
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC not installed')

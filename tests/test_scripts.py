@@ -121,6 +121,9 @@ def test_bench_gpu_path_runs_with_a_stand_in_device(tmp_path, monkeypatch):
     rows = []
     args = types.SimpleNamespace(quick=True, repeat=1)
     assert bench.run_gpu(args, rows) == []  # every case matches the float64 reference
+    feature_rows = [r for r in rows if 'feature_cost' in r]
+    assert [r['op'] for r in feature_rows] == ['fwd+bwd mean, ' + name for name, _ in bench.FEATURE_SETS]
+    rows = [r for r in rows if 'feature_cost' not in r]
     assert len(rows) == 4 * 5  # the wide case runs in float32 and float16
     assert all(0 < r['peak_fraction'] and 0 < r['copy_fraction'] for r in rows)
     assert {'cupy naive'} <= set(rows[0]['ratios'])

@@ -163,6 +163,15 @@ template <bool SOFTCAP, typename A> __device__ __forceinline__ A cap_slope(A y, 
     return (A(1) - t) * (A(1) + t);
 }
 
+// What label smoothing's sum_k y_k is taken against: the row's first (capped) logit when finite,
+// else 0.  sum_k (y_k - ref) then holds the spread of the logits, not their common offset, which
+// would cancel in lse - mean_k y_k (logits near 1e4 would lose 4 digits of the loss).
+template <bool SOFTCAP, typename T, typename A>
+__device__ __forceinline__ A smoothing_reference(const T* x_row, A softcap) {
+    const A y0 = capped<SOFTCAP>(to_acc(x_row[0]), softcap);
+    return y0 - y0 == A(0) ? y0 : A(0);  // inf - inf and NaN are not 0
+}
+
 // Bytes of the SCE_STATE_SLOTS row states ahead of the row cache, rounded up to 16 so that the
 // cache's 16-byte vectors stay aligned (_cupy_backend.state_area_bytes matches).
 template <typename A> __device__ __forceinline__ constexpr long long state_area_bytes() {
@@ -229,6 +238,7 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
         // every load of a step is issued before the first use (one load at a time per thread left
         // an H200's memory system half idle); SCE_PREFETCH also issues the next step's loads
         // before this step's arithmetic
+        const A y_ref = (P::state_mask & STATE_Y_SUM) ? smoothing_reference<P::softcap>(x_row, softcap) : A(0);
         Vec<T, VEC> v[UNROLL], next[UNROLL];
         load_step(v, at.seg_begin + at.lane);
         for (long long j0 = at.seg_begin + at.lane; j0 < at.seg_end; j0 += step) {
@@ -251,10 +261,10 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
                     for (int e = 0; e < VEC; ++e) state.sum += exp_shifted(y[u][e] - state.max);
                 }
             }
-            if (P::state_mask & STATE_Y_SUM) {  // smoothing's sum_k y_k (a -inf logit makes it -inf)
+            if (P::state_mask & STATE_Y_SUM) {  // smoothing's sum_k (y_k - ref) (a -inf logit makes it -inf)
                 for (int u = 0; u < UNROLL; ++u) {
                     if (j0 + (long long)u * group_size >= at.seg_end) continue;
-                    for (int e = 0; e < VEC; ++e) state.y_sum += y[u][e];
+                    for (int e = 0; e < VEC; ++e) state.y_sum += y[u][e] - y_ref;
                 }
             }
             if (SCE_PREFETCH) {
@@ -350,15 +360,18 @@ __device__ __forceinline__ A finish_loss(A ce, const RowTerms<A>& t, int kind, A
 }
 
 // Step 4 (hard labels): ce = lse - y[label], as log_sum_exp + (shift - y[label]); with smoothing
-// (1 - eps) (lse - y[label]) + eps (lse - mean_k y_k).
+// (1 - eps) (lse - y[label]) + eps (lse - mean_k y_k), the mean from sum_k (y_k - ref) (pass 1).
 template <typename T, typename L, int OP, int F>
 __device__ __forceinline__ typename Acc<T>::type hard_loss(const RowState<typename Acc<T>::type>& state,
-                                                          const RowTerms<typename Acc<T>::type>& t, long long K,
-                                                          int kind, typename Acc<T>::type smoothing,
-                                                          typename Acc<T>::type z_loss) {
+                                                          const RowTerms<typename Acc<T>::type>& t, const T* x_row,
+                                                          long long K, int kind, typename Acc<T>::type smoothing,
+                                                          typename Acc<T>::type z_loss, typename Acc<T>::type softcap) {
     typedef typename Acc<T>::type A;
     A ce = t.log_sum_exp + (t.shift - state.picked);
-    if (F & F_SMOOTH) ce = t.one_minus_eps * ce + smoothing * (t.log_sum_exp + (t.shift - state.y_sum / A(K)));
+    if (F & F_SMOOTH) {
+        const A y_ref = smoothing_reference<(F & F_SOFTCAP) != 0>(x_row, softcap);
+        ce = t.one_minus_eps * ce + smoothing * (t.log_sum_exp + ((t.shift - y_ref) - state.y_sum / A(K)));
+    }
     return finish_loss<F>(ce, t, kind, z_loss);
 }
 
@@ -467,7 +480,9 @@ __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
                                                  smoothing, z_loss);
     if (at.active && at.lane == 0 && at.rank == 0) {
         if (P::lse_pass && lse_out != nullptr) lse_out[at.row] = t.shift + t.log_sum_exp;
-        if (P::loss && !P::soft) loss_out[at.row] = hard_loss<T, L, OP, F>(state, t, K, kind, smoothing, z_loss);
+        if (P::loss && !P::soft) {
+            loss_out[at.row] = hard_loss<T, L, OP, F>(state, t, x + at.base, K, kind, smoothing, z_loss, softcap);
+        }
     }
 
     // step 5: pass 2

@@ -124,7 +124,7 @@ __device__ __forceinline__ void record_bad_row(unsigned long long* bad_row, long
 //   max, sum     running max and sum of exp(y - max) (y: the logits, soft-capped if asked)
 //   picked       the label's logit y[label] (only its owner lane holds it, others 0: merging is a sum)
 //   label_sum    soft labels: sum_k label_k
-//   y_sum        label smoothing with hard labels: sum_k y_k (the smoothing term's mean logit)
+//   y_sum        label smoothing with hard labels: sum_k (y_k - ref), ref a logit of the row
 //   label_weight soft labels with class weights: sum_k label_k * weight_k
 // A plain struct: it lives in shared memory, which allows no constructors.  Which fields a kernel
 // variant uses is a compile-time mask (STATE_*): the others are never shuffled, merged or stored
