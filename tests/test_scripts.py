@@ -62,10 +62,12 @@ def test_bench_quick_smoke(tmp_path):
     result = run_script('scripts/bench.py', '--quick', '--repeat', '1', '--out', str(tmp_path), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if ' GB/s' in line]
-    assert len(rows) == 4 * 5, result.stdout  # 4 shapes x 5 operations
+    feature_rows = [line for line in rows if 'fwd+bwd mean, ' in line]
+    assert len(rows) - len(feature_rows) == 4 * 5, result.stdout  # 4 shapes x 5 operations
+    assert len(feature_rows) == 7 and all(' cost ' in line for line in feature_rows), result.stdout
     assert 'extra peak' in result.stdout and 'x vs' not in result.stdout
     csv_text = (tmp_path / 'bench.csv').read_text().splitlines()
-    assert csv_text[0].startswith('device,case,op,median_ms') and len(csv_text) == 21
+    assert csv_text[0].startswith('device,case,op,median_ms') and len(csv_text) == 1 + 20 + 7
 
 
 def test_bench_gpu_path_runs_with_a_stand_in_device(tmp_path, monkeypatch):
