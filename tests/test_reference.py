@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cases
+from cases import rows_shape
 from reference import reference, reference_family
 
 REDUCTIONS = ('none', 'sum', 'mean')
@@ -24,31 +26,10 @@ def seed_of(*parts):
     return zlib.crc32(repr(parts).encode())
 
 
-def make_case(rng, shape, axis, *, soft=False, ignore_index=-100, ignore_fraction=0.25,
-              squeeze_label=False, probabilities=False, scale=2.0):
+def make_case(rng, shape, axis, *, scale=2.0, ignore_fraction=0.25, **kw):
     """float64 logits (or probabilities) and a label for a (shape, axis) problem."""
-    x = rng.standard_normal(shape) * scale
-    K = shape[axis]
-    if probabilities:
-        e = numpy.exp(x - x.max(axis=axis, keepdims=True))
-        x = e / e.sum(axis=axis, keepdims=True)
-    if soft:
-        label = rng.random(shape) + 0.05
-        label /= label.sum(axis=axis, keepdims=True)
-        return x, label
-    lshape = list(shape)
-    lshape[axis] = 1
-    label = rng.integers(0, K, size=lshape)
-    label[rng.random(lshape) < ignore_fraction] = ignore_index
-    if squeeze_label:
-        label = numpy.squeeze(label, axis)
-    return x, label
-
-
-def rows_shape(shape, axis):
-    s = list(shape)
-    s[axis] = 1
-    return tuple(s)
+    return cases.make_case(rng, shape, axis, dtype=numpy.float64, scale=scale, ignore_fraction=ignore_fraction,
+                           **kw)
 
 
 def make_loss_grad(rng, shape, axis, reduction):
