@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - exercised on machines without CuPy
     cupy = None
 
 from cupy_sce import _kernels, _numpy_backend, _probabilities
+from cupy_sce._numpy_backend import _quiet  # NaN and inf are valid values: no RuntimeWarnings
 
 _FLOAT_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
                  numpy.dtype(numpy.float64))
@@ -174,8 +175,8 @@ class _Problem:
     """
 
     def __init__(self, xp, logits, label, soft_label, ignore_index, axis, label_name='label', weight=None,
-                 label_smoothing=0.0, z_loss=0.0, softcap=None):
-        _check_logits(logits)
+                 label_smoothing=0.0, z_loss=0.0, softcap=None, logits_name='logits'):
+        _check_logits(logits, logits_name)
         self.xp = xp
         self.logits = logits
         self.shape = logits.shape
@@ -253,9 +254,14 @@ class _Problem:
         label_dtype = numpy.int32 if label.dtype.itemsize < 4 or label.dtype == numpy.int32 \
             else numpy.int64
         if label.dtype == numpy.uint64:
-            too_big = xp.nonzero(label.ravel() > numpy.iinfo(numpy.int64).max)[0]
-            if too_big.size:
-                self.raise_bad_label(int(too_big[0]))
+            too_big = label > numpy.iinfo(numpy.int64).max
+            if _check_labels_enabled():
+                found = xp.nonzero(too_big.ravel())[0]
+                if found.size:
+                    self.raise_bad_label(int(found[0]))
+            else:  # unchecked: out of range like any bad label (its row becomes NaN), not wrapped
+                out_of_range = self.K + 1 if self.ignore_index == self.K else self.K
+                label = xp.where(too_big, out_of_range, label.astype(numpy.int64))
         return xp.ascontiguousarray(label, dtype=label_dtype).reshape(self.outer, self.inner)
 
     def row_array(self, value, name, dtype):
@@ -327,6 +333,7 @@ def _loss_rows(p):
     return p.empty((p.outer, p.inner), p.acc_dtype)
 
 
+@_quiet
 def _normalizer(p):
     """The divisor of reduction='mean', from the labels alone (so that a fused backward knows it
     before the first row): the sum of the row weights of non-ignored rows with ``weight``, else
@@ -334,13 +341,16 @@ def _normalizer(p):
     compute dtype, on the problem's device (no host synchronisation)."""
     xp, acc = p.xp, p.acc_dtype
     eps = p.label_smoothing
+    n = p.outer * p.inner
+    if n == 0:
+        return xp.zeros((), acc)
     if p.soft_label:
-        n = p.outer * p.inner
         if p.weight is None:
             return xp.asarray(n, dtype=acc)
-        # sum over rows of sum_k t_k w_k, t = (1 - eps) label + eps / K
-        labelled = xp.einsum('oki,k->', p.label, p.weight)
-        return (1 - eps) * labelled + eps * n * p.weight_sum[0] / p.K
+        # sum over rows of sum_k t_k w_k, t = (1 - eps) label + eps / K; a class no label
+        # touches adds 0 even at weight NaN or inf
+        labelled = xp.where(p.label == 0, 0, p.label * p.weight[:, None]).sum(dtype=acc)
+        return (1 - eps) * labelled + eps * n * p.weight_sum[0] / p.K if eps else labelled
     counted = ~p.ignored()
     if p.weight is None:
         return counted.sum(dtype=acc)
@@ -357,6 +367,7 @@ def _shaped_loss(p, loss, reduction):
     return loss.reshape(p.loss_shape) if reduction == 'none' else loss
 
 
+@_quiet
 def _reduce(p, rows, reduction):
     """Per-row losses (compute dtype) as the user's output: the logits' dtype, reduced to 0-d for
     'mean' (0 when the normalizer is 0) and 'sum'.  Sums run in a fixed order (same bits on
@@ -371,6 +382,7 @@ def _reduce(p, rows, reduction):
     return xp.asarray(total).astype(p.dtype)
 
 
+@_quiet
 def _row_loss_grad(p, loss_grad, reduction):
     """``loss_grad`` as one value per row (compute dtype; None = ones without reduction).  With
     'mean' or 'sum' it is a scalar (None = 1) spread over the rows, divided by the normalizer
@@ -381,9 +393,11 @@ def _row_loss_grad(p, loss_grad, reduction):
     if loss_grad is None:
         g = xp.ones((), acc)
     else:
-        if isinstance(loss_grad, (bool, numpy.bool_)) or loss_grad.ndim != 0 or loss_grad.dtype.kind not in 'fiu':
+        if loss_grad.ndim != 0:
             raise ValueError("loss_grad must be a scalar (a number or a 0-d array) with reduction={!r}, got "
-                             "{} {}".format(reduction, loss_grad.dtype, loss_grad.shape))
+                             "shape {}".format(reduction, loss_grad.shape))
+        if loss_grad.dtype.kind not in 'fiu':
+            raise TypeError('loss_grad must be a real number, got dtype {}'.format(loss_grad.dtype))
         g = loss_grad.astype(acc)
     if reduction == 'mean':
         divisor = _normalizer(p)
@@ -412,10 +426,11 @@ def softmax_with_cross_entropy(logits, label, soft_label=False, ignore_index=-10
     return loss
 
 
-def _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap):
+def _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap,
+            logits_name='logits'):
     """The problem of a loss-family call (checked, canonical)."""
     return _Problem(xp, logits, label, soft_label, ignore_index, axis, weight=weight,
-                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logits_name=logits_name)
 
 
 def _check_use_softmax(use_softmax, p):
@@ -465,7 +480,7 @@ def cross_entropy(input, label, weight=None, ignore_index=-100, reduction='mean'
     """
     xp, (input, label, weight) = _as_arrays([('input', input), ('label', label), ('weight', weight)])
     reduction = _check_reduction(reduction)
-    p = _family(xp, input, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
+    p = _family(xp, input, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, 'input')
     use_softmax = _check_use_softmax(use_softmax, p)
     loss = _loss_rows(p)
     if use_softmax:
@@ -486,11 +501,26 @@ def _check_out(p, out, name):
         raise ValueError('{} must be C-contiguous (or be the logits array itself)'.format(name))
 
 
+def _same_view(a, b):
+    """Whether ``a`` and ``b`` view the same elements in the same layout (``x[:]``, ``x.view()``)."""
+    if a.shape != b.shape or a.strides != b.strides or a.dtype != b.dtype:
+        return False
+    ptr = (lambda v: v.data.ptr) if cupy is not None and isinstance(a, cupy.ndarray) else (lambda v: v.ctypes.data)
+    return ptr(a) == ptr(b)
+
+
 def _grad_target(p, out, name):
     """(buffer the backend writes as (outer, K, inner), array returned, whether to copy back)."""
     if out is None:
         grad = p.empty((p.outer, p.K, p.inner), p.dtype)
         return grad, grad.reshape(p.shape), False
+    if out is not p.logits and p.xp.may_share_memory(out, p.logits):
+        if not _same_view(out, p.logits):
+            raise ValueError('{} overlaps the logits without being the same view of them: pass the logits '
+                             'array itself to write the gradient in place'.format(name))
+        out_view, out = out, p.logits  # a view of the logits: in place, like the logits themselves
+        _check_out(p, out, name)
+        return p.x, out_view, not out.flags.c_contiguous
     _check_out(p, out, name)
     if out is p.logits:
         # In place: the backend reads each logit before it writes that element's gradient, so it

@@ -73,6 +73,8 @@ def get_num_threads():
 def set_num_threads(n):
     """Set the NumPy backend's thread count (``None`` restores the default)."""
     global _num_threads, _pool
+    if isinstance(n, numpy.integer):
+        n = int(n)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError('num_threads must be a positive int or None, got {!r}'.format(n))
     with _pool_lock:
@@ -436,6 +438,8 @@ class _Family:
             if p.soft_label:
                 weighted = numpy.multiply(self.target, p.weight.reshape(1, -1, 1),
                                           out=_scratch('terms', b.x.shape, p.acc_dtype))
+                if not numpy.isfinite(p.weight_sum[0]):  # a class no target touches adds 0, not NaN
+                    weighted[self.target == 0] = 0
                 self.weight = _row_sum(weighted)
             else:
                 self.weight = p.weight[labels.index]
@@ -467,17 +471,19 @@ class _Family:
         ``lse - mean_k y_k`` cancels when the logits share a large offset (at 1e4 a float32 sum
         of y would cost 4 digits).  Where every row's ``|lse|`` is at most SMOOTH_DIRECT_LSE (then
         no logit exceeds it, and the term is not smaller than the terms' magnitude) a float32
-        sum of y is exact enough; otherwise y is summed in float64.  The same summation order
-        either way (``_row_sum``), so a row's bits do not depend on its tile.
+        sum of y is exact enough; other rows take y summed in float64.  The same summation order
+        either way (``_row_sum``), and the choice is per row, so a row's bits do not depend on its
+        tile.
         """
         if not self.eps:
             return ce
         p = b.p
-        lse = shift + log_sum_exp
-        if p.acc_dtype == numpy.float32 and not numpy.all(numpy.abs(lse) <= SMOOTH_DIRECT_LSE):
-            mean_term = (shift - _row_sum(b.x, numpy.float64) / p.K).astype(p.acc_dtype)
-        else:
-            mean_term = shift - _row_sum(b.x) / p.K
+        mean_term = shift - _row_sum(b.x) / p.K
+        if p.acc_dtype == numpy.float32:
+            direct = numpy.abs(shift + log_sum_exp) <= SMOOTH_DIRECT_LSE  # NaN rows: either is NaN
+            if not direct.all():  # chosen per row: a row's bits never depend on its neighbours
+                precise = (shift - _row_sum(b.x, numpy.float64) / p.K).astype(p.acc_dtype)
+                mean_term = numpy.where(direct, mean_term, precise)
         return (1 - self.eps) * ce + self.eps * (log_sum_exp + mean_term)
 
     def hard_gradient(self, b, labels, tile, label_prob, scale, gw):

@@ -8,6 +8,8 @@ backends, and the same target ``t`` and row weight ``w``: the one-hot or soft la
 """
 import numpy
 
+from cupy_sce._numpy_backend import _quiet
+
 
 class _Rows:
     """The hard labels' masks and safe indices, or the soft labels' smoothed target."""
@@ -19,8 +21,10 @@ class _Rows:
         self.bad_row = None
         eps = p.label_smoothing
         if p.soft_label:
-            self.target = p.label if not eps else (1 - eps) * p.label + eps / p.K
-            self.weight = None if p.weight is None else xp.einsum('oki,k->oi', self.target, p.weight)
+            self.target = p.label if not eps else (1 - eps) * p.label + eps / max(p.K, 1)
+            self.weight = None
+            if p.weight is not None:  # a class the target does not touch adds 0, even at weight NaN
+                self.weight = xp.where(self.target == 0, 0, self.target * p.weight[:, None]).sum(axis=1)
             return
         self.ignored = p.ignored()
         self.bad = ~self.ignored & ((p.label < 0) | (p.label >= p.K))
@@ -29,7 +33,7 @@ class _Rows:
         if p.weight is not None:
             self.weight = (1 - eps) * xp.take(p.weight, self.index)
             if eps:
-                self.weight = self.weight + eps * p.weight_sum[0] / p.K
+                self.weight = self.weight + eps * p.weight_sum[0] / max(p.K, 1)
         if p.check_labels:  # one scalar read back, as the kernels' label check
             bad = self.bad.ravel()
             first = int(xp.where(bad.any(), xp.argmax(bad), -1)) if bad.size else -1
@@ -44,6 +48,7 @@ class _Rows:
         return xp.where(self.bad.reshape(shape), numpy.nan, rows_or_tile)
 
 
+@_quiet
 def forward_out(p, loss):
     """Row losses into ``loss`` ((outer, inner), compute dtype); returns the first bad row."""
     rows = _Rows(p)
@@ -53,20 +58,20 @@ def forward_out(p, loss):
 
 def _write_loss(p, rows, loss):
     xp, eps = p.xp, p.label_smoothing
-    with numpy.errstate(all='ignore'):
-        log_p = xp.log(p.x.astype(p.acc_dtype, copy=False))  # (outer, K, inner)
-        if rows.target is not None:
-            # a zero target adds 0 even where p_k = 0 (0 * -inf would be NaN)
-            ce = -xp.where(rows.target == 0, 0, rows.target * log_p).sum(axis=1)
-        else:
-            ce = -(1 - eps) * xp.take_along_axis(log_p, rows.index[:, None, :], axis=1)[:, 0, :]
-            if eps:
-                ce = ce - eps / p.K * log_p.sum(axis=1)
-        if rows.weight is not None:
-            ce = ce * rows.weight
-        loss[...] = rows.mask(ce, xp)
+    log_p = xp.log(p.x.astype(p.acc_dtype, copy=False))  # (outer, K, inner)
+    if rows.target is not None:
+        # a zero target adds 0 even where p_k = 0 (0 * -inf would be NaN)
+        ce = -xp.where(rows.target == 0, 0, rows.target * log_p).sum(axis=1)
+    else:
+        ce = -(1 - eps) * xp.take_along_axis(log_p, rows.index[:, None, :], axis=1)[:, 0, :]
+        if eps:
+            ce = ce - eps / max(p.K, 1) * log_p.sum(axis=1)
+    if rows.weight is not None:
+        ce = ce * rows.weight
+    loss[...] = rows.mask(ce, xp)
 
 
+@_quiet
 def forward_backward_out(p, loss_grad, loss, grad):
     """Row losses (if ``loss`` is given) and the gradient w.r.t. the probabilities into ``grad``
     ((outer, K, inner), may be ``p.x``: in place); ``loss_grad`` per row or None (ones)."""
@@ -74,20 +79,19 @@ def forward_backward_out(p, loss_grad, loss, grad):
     rows = _Rows(p)
     if loss is not None:
         _write_loss(p, rows, loss)
-    with numpy.errstate(all='ignore'):
-        probs = p.x.astype(p.acc_dtype)  # a copy: grad may be p.x
-        if rows.target is not None:
-            # d/dp_k -sum_j t_j log p_j = -t_k / p_k; a zero target gives 0 even where p_k = 0
-            dp = -xp.where(rows.target == 0, 0, rows.target / probs)
-        else:
-            dp = xp.zeros_like(probs) if not eps else -(eps / p.K) / probs
-            picked = xp.take_along_axis(probs, rows.index[:, None, :], axis=1)
-            on_label = xp.take_along_axis(dp, rows.index[:, None, :], axis=1) - (1 - eps) / picked
-            xp.put_along_axis(dp, rows.index[:, None, :], on_label, axis=1)
-        scale = None if loss_grad is None else loss_grad
-        if rows.weight is not None:
-            scale = rows.weight if scale is None else scale * rows.weight
-        if scale is not None:
-            dp = dp * scale[:, None, :]
-        grad[...] = rows.mask(dp, xp)
+    probs = p.x.astype(p.acc_dtype)  # a copy: grad may be p.x
+    if rows.target is not None:
+        # d/dp_k -sum_j t_j log p_j = -t_k / p_k; a zero target gives 0 even where p_k = 0
+        dp = -xp.where(rows.target == 0, 0, rows.target / probs)
+    else:
+        dp = xp.zeros_like(probs) if not eps else -(eps / max(p.K, 1)) / probs
+        picked = xp.take_along_axis(probs, rows.index[:, None, :], axis=1)
+        on_label = xp.take_along_axis(dp, rows.index[:, None, :], axis=1) - (1 - eps) / picked
+        xp.put_along_axis(dp, rows.index[:, None, :], on_label, axis=1)
+    scale = None if loss_grad is None else loss_grad
+    if rows.weight is not None:
+        scale = rows.weight if scale is None else scale * rows.weight
+    if scale is not None:
+        dp = dp * scale[:, None, :]
+    grad[...] = rows.mask(dp, xp)
     return rows.bad_row

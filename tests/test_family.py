@@ -742,3 +742,84 @@ def test_review_findings_on_arguments(numpy_backend):
     assert cupy_sce.cross_entropy(x, label, name='loss').shape == ()
     loss = cupy_sce.cross_entropy(x, label.astype(numpy.int32), ignore_index=2 ** 40, reduction='mean')
     numpy.testing.assert_allclose(loss, reference_family(x, label)['loss'][0, 0], rtol=1e-6)
+
+
+def test_a_non_finite_weight_reaches_only_the_rows_that_touch_its_class(backend):
+    """0 * NaN must not leak: a soft target that is 0 on a class ignores that class's weight."""
+    import warnings
+    x = numpy.array([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0], [0.1, 0.2, 0.3]])
+    soft = numpy.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    for bad in (numpy.nan, numpy.inf):
+        weight = numpy.array([1.0, 2.0, bad])
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # no RuntimeWarning either: NaN and inf are valid values
+            for use_softmax in (True, False):
+                probs = x if use_softmax else numpy.exp(x) / numpy.exp(x).sum(-1, keepdims=True)
+                loss = backend(cupy_sce.cross_entropy, probs, soft, weight=weight, soft_label=True,
+                               reduction='none', use_softmax=use_softmax)
+                ref = reference_family(probs, soft, soft_label=True, weight=numpy.array([1.0, 2.0, 0.0]),
+                                       use_softmax=use_softmax)['loss']
+                numpy.testing.assert_allclose(loss[:2], ref[:2], rtol=1e-12)
+                assert not numpy.isfinite(loss[2, 0]) or bad == numpy.inf  # the row touching the class
+            _, grad = backend(cupy_sce.forward_backward, x, soft, weight=weight, soft_label=True)
+            assert numpy.isfinite(grad[:2]).all()
+            total = backend(cupy_sce.cross_entropy, x, soft, weight=weight, soft_label=True, reduction='mean')
+            assert not numpy.isfinite(total)  # the third row's weight is not finite: so is the mean
+            total = backend(cupy_sce.cross_entropy, x[:2], soft[:2], weight=weight, soft_label=True)
+            assert numpy.isfinite(total)
+
+
+@pytest.mark.parametrize('K', [7, 97])
+def test_smoothing_keeps_batch_invariance_next_to_large_logits(backend, K):
+    """The float64 sum of a row with |lse| > 64 is chosen for that row alone."""
+    rng = numpy.random.default_rng(11)
+    a = (rng.standard_normal((30, K)) * 5 + 20).astype(numpy.float32)
+    la = rng.integers(0, K, 30)
+    b = (rng.standard_normal((1, K)) * 3 + 100).astype(numpy.float32)
+    alone = backend(cupy_sce.forward_backward, a, la, label_smoothing=0.1)
+    mixed = backend(cupy_sce.forward_backward, numpy.concatenate([a, b]), numpy.concatenate([la, [-100]]),
+                    label_smoothing=0.1)
+    numpy.testing.assert_array_equal(mixed[0][:30], alone[0])
+    numpy.testing.assert_array_equal(mixed[1][:30], alone[1])
+
+
+def test_out_that_views_the_logits(backend):
+    """out=logits[:] is in place like out=logits (bad labels rejected before anything is written);
+    an out that overlaps the logits otherwise is refused."""
+    rng = numpy.random.default_rng(12)
+    x = rng.standard_normal((4, 3)).astype(numpy.float32)
+    good, bad = numpy.array([0, 1, 2, 2]), numpy.array([0, 1, 9, 2])
+    _, lse = backend(cupy_sce.forward, x, good)
+    expected = backend(cupy_sce.backward, None, x, lse, good)
+    work = backend.asarray(x.copy())
+    with backend.active():
+        lse_dev, good_dev, bad_dev = (backend.asarray(a) for a in (lse, good, bad))
+        with pytest.raises(IndexError):
+            cupy_sce.backward(None, work, lse_dev, bad_dev, out=work[:])
+        numpy.testing.assert_array_equal(backend.to_numpy(work), x)  # untouched
+        out = cupy_sce.backward(None, work, lse_dev, good_dev, out=work[:])
+        with pytest.raises(ValueError, match='overlaps the logits'):
+            cupy_sce.backward(None, work, lse_dev, good_dev, out=work[::-1])
+    numpy.testing.assert_array_equal(backend.to_numpy(out), expected)
+    numpy.testing.assert_array_equal(backend.to_numpy(work), expected)
+
+
+def test_empty_and_unchecked_corner_cases(numpy_backend):
+    empty = numpy.zeros((0, 0), numpy.float32)
+    for kw in (dict(use_softmax=False), dict(soft_label=True, weight=numpy.zeros(0, numpy.float32))):
+        label = numpy.zeros((0, 0), numpy.float32) if kw.get('soft_label') else numpy.zeros(0, numpy.int64)
+        for reduction in REDUCTIONS:
+            loss = cupy_sce.cross_entropy(empty, label, label_smoothing=0.1, reduction=reduction, **kw)
+            assert loss.shape == ((0,) if reduction == 'none' and not kw.get('soft_label') else
+                                  (0, 1) if reduction == 'none' else ())
+            if reduction != 'none':
+                assert loss == 0
+    # an unchecked uint64 label beyond int64 is out of range like any other: its row is NaN
+    x = numpy.ones((2, 3), numpy.float32)
+    with cupy_sce.label_check(False):
+        loss = cupy_sce.cross_entropy(x, numpy.array([0, 2 ** 63 + 5], numpy.uint64), reduction='none')
+    assert numpy.isfinite(loss[0]) and numpy.isnan(loss[1])
+    with pytest.raises(TypeError, match='input must be'):
+        cupy_sce.cross_entropy(numpy.array([[1, 2]]), numpy.array([0]))
+    with pytest.raises(TypeError, match='loss_grad must be a real number'):
+        cupy_sce.forward_backward(x, numpy.array([0, 1]), 1j, reduction='mean')

@@ -91,8 +91,8 @@ MUTANTS = {
     'softcap derivative missing': (
         'sce.cu', 'if (P::softcap) grad *= cap_slope<true>(y, softcap);', '', 0, False, FEATURE_PROBE),
     'soft-label weight ignores the label': (
-        'sce.cu', 'if (P::weight) state.label_weight += lk * weight[j * VEC + e];',
-        'if (P::weight) state.label_weight += weight[j * VEC + e];', 0, False, FEATURE_PROBE),
+        'sce.cu', 'state.label_weight += lk * weight[j * VEC + e];',
+        'state.label_weight += weight[j * VEC + e];', 0, False, FEATURE_PROBE),
 }
 
 

@@ -281,7 +281,8 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
             for (int e = 0; e < VEC; ++e) {
                 const A lk = (A)label[at.base + (j * VEC + e) * inner];
                 state.label_sum += lk;
-                if (P::weight) state.label_weight += lk * weight[j * VEC + e];
+                // a class the target does not touch adds nothing, even with a NaN or inf weight
+                if (P::weight && lk != A(0)) state.label_weight += lk * weight[j * VEC + e];
             }
         }
     }
