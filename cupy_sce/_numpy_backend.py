@@ -27,6 +27,7 @@ when every row's sum is safe (see ``_exp_sum``), and the backward from lse folds
 the shift into its scale (``_exp_minus_lse``).
 """
 import concurrent.futures
+import functools
 import os
 import threading
 import typing
@@ -350,10 +351,10 @@ _LOG_HALF = float(numpy.log(0.5))
 
 def _quiet(fn):
     """NaN and inf are valid inputs here (they must propagate): no RuntimeWarnings."""
+    @functools.wraps(fn)
     def wrapper(*args):
         with numpy.errstate(all='ignore'):
             return fn(*args)
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
 
 
