@@ -277,6 +277,13 @@ class _Problem:
         """``loss_grad`` as (outer, inner) in the compute dtype; None (ones) stays None."""
         return None if loss_grad is None else self.row_array(loss_grad, 'loss_grad', self.acc_dtype)
 
+    def hard_row_weight(self, index):
+        """Hard labels: the row weight ``sum_k t_k weight_k`` for label ``index`` (in range; any
+        shape), ``(1 - eps) weight[label] + eps * mean(weight)``, as the kernels' ``row_terms``."""
+        weight = self.xp.take(self.weight, index)
+        eps = self.label_smoothing
+        return (1 - eps) * weight + eps * (self.weight_sum[0] / self.K) if eps else weight
+
     def ignored(self):
         """Hard labels: the mask of ignored rows ((outer, inner)).  ``ignore_index`` is compared
         as int64: int32 labels and a value outside their range must not overflow."""
@@ -354,12 +361,19 @@ def _normalizer(p):
     counted = ~p.ignored()
     if p.weight is None:
         return counted.sum(dtype=acc)
-    # a bad label reads class 0 here (its loss is NaN, or it raises); weight_k of row's target
+    # a bad label reads class 0 here (its loss is NaN, or it raises)
     in_range = counted & (p.label >= 0) & (p.label < p.K)
-    row_weight = xp.take(p.weight, xp.where(in_range, p.label, 0))
-    if eps:
-        row_weight = (1 - eps) * row_weight + eps * p.weight_sum[0] / p.K
-    return xp.where(counted, row_weight, 0).sum(dtype=acc)
+    return xp.where(counted, p.hard_row_weight(xp.where(in_range, p.label, 0)), 0).sum(dtype=acc)
+
+
+def _per_mean_divisor(p, value):
+    """``value / D`` for reduction='mean', 0 where D is 0 (every row ignored, or weights summing
+    to 0).  D is computed once per call: the loss and the gradient of a fused call share it."""
+    xp = p.xp
+    divisor = getattr(p, 'mean_divisor', None)
+    if divisor is None:
+        divisor = p.mean_divisor = _normalizer(p)
+    return xp.where(divisor == 0, xp.zeros((), p.acc_dtype), value / xp.where(divisor == 0, 1, divisor))
 
 
 def _shaped_loss(p, loss, reduction):
@@ -377,8 +391,7 @@ def _reduce(p, rows, reduction):
         return rows.astype(p.dtype, copy=False)
     total = rows.sum(dtype=p.acc_dtype)
     if reduction == 'mean':
-        divisor = _normalizer(p)
-        total = xp.where(divisor == 0, xp.zeros((), p.acc_dtype), total / xp.where(divisor == 0, 1, divisor))
+        total = _per_mean_divisor(p, total)
     return xp.asarray(total).astype(p.dtype)
 
 
@@ -400,8 +413,7 @@ def _row_loss_grad(p, loss_grad, reduction):
             raise TypeError('loss_grad must be a real number, got dtype {}'.format(loss_grad.dtype))
         g = loss_grad.astype(acc)
     if reduction == 'mean':
-        divisor = _normalizer(p)
-        g = xp.where(divisor == 0, xp.zeros((), acc), g / xp.where(divisor == 0, 1, divisor))
+        g = _per_mean_divisor(p, g)
     return xp.ascontiguousarray(xp.broadcast_to(g, (p.outer, p.inner)))
 
 

@@ -112,11 +112,15 @@ def launch_geometry(n_rows, inner, group, cluster=1):
     return -(-n_rows // (block // group)), block
 
 
+def _state_bytes(dtype):
+    """sizeof(RowState<A>) for logits of ``dtype``."""
+    return STATE_FIELDS * (8 if numpy.dtype(dtype) == numpy.float64 else 4)
+
+
 def state_area_bytes(dtype):
     """Bytes of the STATE_SLOTS row states ahead of the row cache, rounded up to 16 (the cache
     holds 16-byte vectors); the kernels' sce::state_area_bytes."""
-    state_bytes = STATE_FIELDS * (8 if numpy.dtype(dtype) == numpy.float64 else 4)
-    return -(-STATE_SLOTS * state_bytes // 16) * 16
+    return -(-STATE_SLOTS * _state_bytes(dtype) // 16) * 16
 
 
 def shared_mem_bytes(dtype, K, inner, group, cache_row=False, cluster=1, vec=1):
@@ -124,7 +128,7 @@ def shared_mem_bytes(dtype, K, inner, group, cache_row=False, cluster=1, vec=1):
     (RowState<A>), and the row cache: the block's rows, or with a cluster this CTA's segment of
     ceil(K / vec / cluster) vectors."""
     dtype = numpy.dtype(dtype)
-    state_bytes = STATE_FIELDS * (8 if dtype == numpy.float64 else 4)
+    state_bytes = _state_bytes(dtype)
     if cluster > 1:
         return state_area_bytes(dtype) + -(-(K // vec) // cluster) * vec * dtype.itemsize
     if inner != 1 and group > 1:  # columns: a partial per thread

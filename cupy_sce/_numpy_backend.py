@@ -443,9 +443,7 @@ class _Family:
                     weighted[self.target == 0] = 0
                 self.weight = _row_sum(weighted)
             else:
-                self.weight = p.weight[labels.index]
-                if self.eps:
-                    self.weight = (1 - self.eps) * self.weight + self.eps * (p.weight_sum[0] / p.K)
+                self.weight = p.hard_row_weight(labels.index)
 
     def target_sum(self):
         """``sum_k t_k``: 1 for hard labels, ``(1 - eps) sum_k label_k + eps`` for soft ones."""

@@ -29,11 +29,7 @@ class _Rows:
         self.ignored = p.ignored()
         self.bad = ~self.ignored & ((p.label < 0) | (p.label >= p.K))
         self.index = xp.where(self.ignored | self.bad, 0, p.label)
-        self.weight = None
-        if p.weight is not None:
-            self.weight = (1 - eps) * xp.take(p.weight, self.index)
-            if eps:
-                self.weight = self.weight + eps * p.weight_sum[0] / max(p.K, 1)
+        self.weight = None if p.weight is None else p.hard_row_weight(self.index)
         if p.check_labels:  # one scalar read back, as the kernels' label check
             bad = self.bad.ravel()
             first = int(xp.where(bad.any(), xp.argmax(bad), -1)) if bad.size else -1
