@@ -7,8 +7,8 @@ import numpy
 import pytest
 
 import cupy_sce
-from conftest import gpu_available
-from test_semantics import make_case
+from cupy_sce import testing as sce_testing
+from helpers import Backend, assert_all_outputs, gpu_available, make_case, run_cluster_cases
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not gpu_available(), reason='no CUDA GPU present (CuPy cannot allocate)')]
@@ -137,8 +137,6 @@ def test_64bit_offsets_on_device():
 @pytest.mark.parametrize('soft', [False, True])
 def test_large_rows_through_clusters(K, dtype, soft):
     """Rows too large for one CTA's shared memory: the cluster kernels (sm_90) or the re-read."""
-    from conftest import Backend
-    from test_semantics import assert_all_outputs
     x, label = make_case(numpy.random.default_rng(K), (3, K), -1, soft=soft, dtype=dtype, ignore_index=1)
     backend = Backend('cupy')
     assert_all_outputs(backend, x, label, soft=soft, ignore_index=1)
@@ -152,9 +150,7 @@ def test_large_rows_through_clusters(K, dtype, soft):
 def test_every_cluster_size_on_device(monkeypatch):
     """Shrunken shared-memory limits send rows of a few hundred classes through clusters of 2, 4
     and 8 CTAs, every dtype and label kind (the harness runs the same cases on the CPU)."""
-    from conftest import Backend
-    from test_kernels import run_cluster_cases
-    runtime = cupy_sce._api._backend_for(cupy).runtime
+    runtime = sce_testing.default_backend(cupy).runtime
     if not runtime.limits()[0]:
         pytest.skip('thread block clusters need compute capability 9.0')
     launched = []

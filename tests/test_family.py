@@ -1,5 +1,5 @@
 """The loss family (issue 10) -- weight, label_smoothing, z_loss, softcap, reductions and
-``cross_entropy`` -- on every backend (see conftest), against ``reference_family``.
+``cross_entropy`` -- on every backend (see helpers.Backend), against ``reference_family``.
 
 Written from the specification of the public API, not from the implementation:
 
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cupy_sce
-from cases import make_case, make_weight, rows_shape
+from helpers import make_case, make_weight, rows_shape
 from reference import reference_family
 
 REDUCTIONS = ('none', 'sum', 'mean')

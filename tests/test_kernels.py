@@ -11,12 +11,11 @@ import pytest
 import cupy_sce
 from cupy_sce import _cupy_backend, _kernels
 from cupy_sce.testing import harness
-from conftest import Backend
-from test_semantics import assert_all_outputs, make_case
+from helpers import DTYPES, Backend, assert_all_outputs, check_features, make_case, run_cluster_cases
+from reference import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-DTYPES = (numpy.float16, numpy.float32, numpy.float64)
 needs_harness = pytest.mark.skipif(harness.unavailable_reason() is not None,
                                    reason='host harness unavailable: {}'.format(harness.unavailable_reason()))
 
@@ -245,7 +244,7 @@ def test_every_instantiation_runs_and_matches(monkeypatch):
     """All semantic checks on every (dtype, label type, VEC, group size) the backend launches;
     the kernels launched must be exactly the instantiation list."""
     backend = Backend('harness')
-    runtime = backend._harness.runtime
+    runtime = backend.runtime
     rng = numpy.random.default_rng(0)
     groups = set()
     real_group_size = _cupy_backend.group_size_for
@@ -288,58 +287,13 @@ FEATURE_CASES = [  # (shape, axis): 16-byte vectors, scalar, a warp per row, str
 VEC_CACHE_CASE = {numpy.float16: ((2, 16384), -1), numpy.float32: ((2, 8192), -1), numpy.float64: ((2, 4096), -1)}
 
 
-def feature_options(rng, K, features):
-    """Keyword arguments that turn on exactly the feature bits ``features``."""
-    options = {}
-    if features & _kernels.F_WEIGHT:
-        options['weight'] = rng.uniform(0.25, 2.0, K)
-    if features & _kernels.F_SMOOTH:
-        options['label_smoothing'] = 0.15
-    if features & _kernels.F_ZLOSS:
-        options['z_loss'] = 0.05
-    if features & _kernels.F_SOFTCAP:
-        options['softcap'] = 2.5
-    return options
-
-
-def check_features(backend, rng, dtype, shape, axis, label_kind, features, reduction='none'):
-    """forward, backward from lse, fused and in-place forward+backward with the features
-    ``features`` against the float64 reference of the loss family."""
-    from reference import reference_family
-    soft = label_kind == 'soft'
-    x, label = make_case(rng, shape, axis, soft=soft, dtype=dtype, ignore_index=1,
-                         label_dtype=numpy.int32 if label_kind == 'int32' else numpy.int64)
-    options = feature_options(rng, shape[axis], features)
-    if 'weight' in options:
-        options['weight'] = options['weight'].astype(dtype)
-    kw = dict(soft_label=soft, axis=axis, ignore_index=1, reduction=reduction, **options)
-    ref = reference_family(x, label, **kw)
-    tol = {numpy.float16: 4e-3, numpy.float32: 3e-5, numpy.float64: 1e-10}[dtype]
-
-    def close(actual, expected):
-        scale = max(1.0, float(numpy.max(numpy.abs(expected))))
-        numpy.testing.assert_allclose(numpy.asarray(actual, numpy.float64), expected, rtol=tol, atol=tol * scale)
-    loss, lse = backend(cupy_sce.forward, x, label, **kw)
-    close(loss, ref['loss'])
-    close(lse, ref['lse'])
-    close(backend(cupy_sce.backward, None, x, lse, label, **kw), ref['grad'])
-    loss, grad = backend(cupy_sce.forward_backward, x, label, **kw)
-    close(loss, ref['loss'])
-    close(grad, ref['grad'])
-    logits = backend.asarray(x.copy())
-    with backend.active():
-        cupy_sce.forward_backward(logits, backend.asarray(label), inplace=True,
-                                  **{k: backend.asarray(v) for k, v in kw.items()})
-    numpy.testing.assert_array_equal(backend.to_numpy(logits), grad)
-
-
 @needs_harness
 def test_every_feature_instantiation_runs_and_matches():
     """Every instantiation with features (the featureless ones: the test above), each against
     the float64 reference; the kernels launched must be exactly the feature instantiations."""
     harness.prebuild(range(1, _kernels.ALL_FEATURES + 1))  # on every core at once
     backend = Backend('harness')
-    runtime = backend._harness.runtime
+    runtime = backend.runtime
     rng = numpy.random.default_rng(5)
     for features in range(1, _kernels.ALL_FEATURES + 1):
         for dtype in DTYPES:
@@ -369,55 +323,11 @@ def test_cluster_instantiations_run_and_match(monkeypatch):
     """Every cupy_sce_fused_cluster instantiation (the rest: the test above), with 64-thread CTAs
     (two warps: the block reduction still crosses warps) to keep the fibers few."""
     backend = Backend('harness')
-    runtime = backend._harness.runtime
+    runtime = backend.runtime
     monkeypatch.setattr(_cupy_backend, 'CLUSTER_BLOCK', 64)
     run_cluster_cases(backend, numpy.random.default_rng(4), monkeypatch, runtime.launched)
     expected = {n for n in harness.library_names(0) if _kernels.cluster_size(n) > 1}
     assert set(runtime.launched) >= expected, expected - set(runtime.launched)
-
-
-# a segment of at most this many bytes per CTA (with the limits below): small rows need clusters
-SEGMENT_BYTES = 256
-
-
-def cluster_cases(dtype):
-    """(K, expected cluster size): rows whose cache needs 2, 4, 8 CTAs, with 16-byte vectors and
-    with scalar loads (K not a multiple of the vector width)."""
-    itemsize, vec = numpy.dtype(dtype).itemsize, _kernels.vector_width(dtype)
-    cases = []
-    for cluster in _kernels.CLUSTER_SIZES:
-        cases.append(((cluster * (SEGMENT_BYTES // 16) - 1) * vec, cluster))   # n_vec = 16c - 1
-        cases.append((cluster * (SEGMENT_BYTES // itemsize) - 1, cluster))     # odd K: VEC = 1
-    return cases
-
-
-def run_cluster_cases(backend, rng, monkeypatch, launched):
-    """Shrink the shared-memory limits so that rows of a few hundred classes take the cluster
-    kernels (the same host logic picks them for K = 128256 on a GPU); check every output.
-    ``launched``: the list the backend's runtime appends kernel names to."""
-    monkeypatch.setattr(_cupy_backend, 'USE_CLUSTERS', True)
-    # a block per row, as for large K (clusters split only such rows)
-    monkeypatch.setattr(_cupy_backend, 'GROUP_TABLE', ((float('inf'), 64),))
-    for dtype in DTYPES:
-        state_slots = _cupy_backend.state_area_bytes(dtype)
-        monkeypatch.setattr(_cupy_backend, 'SHARED_LIMIT', state_slots + SEGMENT_BYTES)
-        monkeypatch.setattr(_cupy_backend, 'CLUSTER_SEGMENT_LIMIT', state_slots + SEGMENT_BYTES)
-        for K, cluster in cluster_cases(dtype):
-            for label_kind in ('int32', 'int64', 'soft'):
-                soft = label_kind == 'soft'
-                x, label = make_case(rng, (2, K), -1, soft=soft, dtype=dtype, ignore_index=1,
-                                     label_dtype=numpy.int32 if label_kind == 'int32' else numpy.int64)
-                before = len(launched)
-                assert_all_outputs(backend, x, label, soft=soft, ignore_index=1)
-                clusters = {_kernels.cluster_size(n) for n in launched[before:]}
-                assert cluster in clusters, (dtype, K, cluster, launched[before:])
-                if not soft:  # in place through a cluster: each CTA writes only its own segment
-                    _, expected = backend(cupy_sce.forward_backward, x, label, ignore_index=1)
-                    logits = backend.asarray(x.copy())
-                    with backend.active():
-                        cupy_sce.forward_backward(logits, backend.asarray(label), ignore_index=1,
-                                                  inplace=True)
-                    numpy.testing.assert_array_equal(backend.to_numpy(logits), expected)
 
 
 @needs_harness
@@ -430,7 +340,7 @@ def test_misaligned_buffers_fall_back_to_scalar_loads(dtype):
     shifted[...] = x
     assert shifted.ctypes.data % 16
     assert_all_outputs(backend, shifted, label)
-    assert ', 1, ' in backend._harness.runtime.launched[-1]  # VEC = 1
+    assert ', 1, ' in backend.runtime.launched[-1]  # VEC = 1
 
 
 @needs_harness
@@ -440,7 +350,7 @@ def test_in_place_every_group_size():
     for shape, axis in VARIANT_CASES:
         for dtype in (numpy.float16, numpy.float32):
             x, label = make_case(rng, shape, axis, dtype=dtype, ignore_index=0)
-            expected_loss, _, expected_grad, _ = (numpy.asarray(a) for a in __import__('reference').reference(
+            expected_loss, _, expected_grad, _ = (numpy.asarray(a) for a in reference(
                 x, label, ignore_index=0, axis=axis))
             logits = x.copy()
             with backend.active():
@@ -466,7 +376,7 @@ def test_float16_true_class_gradient_is_rounded_once():
 @needs_harness
 def test_label_check_costs_one_flag_and_can_be_skipped():
     backend = Backend('harness')
-    runtime = backend._harness.runtime
+    runtime = backend.runtime
     reads = []
     original = runtime.read_scalar
     runtime.read_scalar = lambda a: reads.append(1) or original(a)
@@ -480,72 +390,11 @@ def test_label_check_costs_one_flag_and_can_be_skipped():
 
 # ---------------------------------------------------------------- 64-bit offsets
 
-OFFSET_SCRIPT = r'''
-import mmap, sys, numpy
-from cupy_sce import _cupy_backend, _kernels
-from cupy_sce.testing import harness
-
-def sparse(n_elements, dtype):
-    """A huge array whose untouched pages cost nothing (MAP_NORESERVE)."""
-    dtype = numpy.dtype(dtype)
-    buf = mmap.mmap(-1, n_elements * dtype.itemsize,
-                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000))
-    return numpy.frombuffer(buf, dtype)
-
-def check(dtype, outer, K, inner, block_rows):
-    """Run only the far blocks of the grid and compare their rows with NumPy."""
-    n_rows = outer * inner
-    vec = _kernels.vector_width(dtype) if inner == 1 and K % _kernels.vector_width(dtype) == 0 else 1
-    group = _cupy_backend.group_size_for(K, inner, vec)
-    grid, block = _cupy_backend.launch_geometry(n_rows, inner, group)
-    columns = inner != 1 and group > 1
-    rows_per_block = 32 if columns else block // group
-    assert outer * K * inner > 2 ** 31
-    x = sparse(outer * K * inner, dtype)
-    label = numpy.zeros(n_rows, numpy.int64)
-    loss = numpy.zeros(n_rows, numpy.float32)
-    lse = numpy.zeros(n_rows, numpy.float32)
-    grad = sparse(outer * K * inner, dtype)
-    bad = numpy.full(1, numpy.iinfo(numpy.uint64).max, numpy.uint64)
-    blocks = [grid - 1]
-    rows = range((grid - 1) * rows_per_block, min(grid * rows_per_block, n_rows))
-    rng = numpy.random.default_rng(0)
-    for r in rows:
-        base = (r // inner) * K * inner + r % inner
-        idx = base + numpy.arange(K) * inner
-        x[idx] = rng.standard_normal(K)
-        label[r] = rng.integers(0, K)
-    label[rows[-1]] = K  # out of range: must be reported for exactly this row
-    null = numpy.uint64(0)
-    zero = numpy.float32(0)
-    args = (x, label, null, null, null, null, null, loss, lse, null, grad, numpy.int64(n_rows), numpy.int64(K),
-            numpy.int64(inner), numpy.int64(-100), zero, zero, zero, numpy.int32(group), bad)
-    shared = _cupy_backend.shared_mem_bytes(dtype, K, inner, group)
-    harness.launch(_kernels.rows_name(dtype, 'long long', 'forward_backward', 0, vec, False), grid, block, args,
-                   shared_mem=shared, blocks=blocks)
-    assert int(bad[0]) == rows[-1], (int(bad[0]), rows[-1])
-    for r in rows[:-1]:
-        base = (r // inner) * K * inner + r % inner
-        idx = base + numpy.arange(K) * inner
-        xr = x[idx].astype(numpy.float64)
-        ref_lse = numpy.logaddexp.reduce(xr)
-        assert abs(lse[r] - ref_lse) < 1e-3 * max(1, abs(ref_lse)), (r, lse[r], ref_lse)
-        assert abs(float(loss[r]) - (ref_lse - xr[label[r]])) < 2e-2, r
-        g = numpy.exp(xr - ref_lse)
-        g[label[r]] -= 1
-        assert numpy.allclose(grad[idx].astype(numpy.float64), g, atol=2e-3), r
-    print('ok', numpy.dtype(dtype).name, outer, K, inner, 'rows', rows[0], '..', rows[-1])
-
-check(numpy.float32, 8200, 262144, 1, 1)       # contiguous rows: row * K > 2**31 (block per row)
-check(numpy.float16, 2, 3, 2 ** 30 + 7, 256)   # strided: (row / inner) * K * inner + k * inner > 2**31
-check(numpy.float16, 2, 40, 2 ** 26 + 3, 32)   # strided with 4 warps per 32 rows (columns)
-check(numpy.float16, 70000, 32768, 1, 1)       # 2**31 < row * K < 2**32: caught if unsigned 32-bit
-'''
-
-
 @needs_harness
 def test_64bit_offsets_on_huge_sparse_buffers():
-    result = subprocess.run([sys.executable, '-c', OFFSET_SCRIPT], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600)
+    """tests/programs/huge_offsets.py, in a process of its own: it maps huge sparse buffers."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
+    result = subprocess.run([sys.executable, os.path.join(HERE, 'programs', 'huge_offsets.py')],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count('ok ') == 4, result.stdout

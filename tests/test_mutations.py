@@ -197,12 +197,11 @@ HOST_MUTANTS = {  # name: (function of cupy_sce._api, original text, mutated tex
 @pytest.mark.parametrize('name', sorted(HOST_MUTANTS))
 def test_host_mutant_is_caught(monkeypatch, name, backend_name):
     """The reductions' divisor is computed on the host, once for both backends: a mutated copy of
-    it must make the reduction checks (test_kernels.check_features) fail."""
+    it must make the reduction checks (helpers.check_features) fail."""
     import inspect
     import numpy
     from cupy_sce import _api
-    from conftest import Backend
-    from test_kernels import check_features
+    from helpers import Backend, check_features
     function, original, mutated = HOST_MUTANTS[name]
     source = inspect.getsource(getattr(_api, function))
     assert source.count(original) == 1, 'mutation anchor not found: {!r}'.format(original)

@@ -10,7 +10,7 @@ import cupy_sce
 from cupy_sce import _numpy_backend
 from reference import reference
 
-# tighter than test_semantics' TOL: these rows are built to expose a lost digit (float64:
+# tighter than helpers.TOL: these rows are built to expose a lost digit (float64:
 # the reference itself rounds x - lse by 800 * eps = 2e-13 at the largest offset; float16
 # computes in float32 and rounds each output once, to 2**-11 relative)
 TIGHT = {numpy.float16: dict(rtol=1e-3, atol=1e-7), numpy.float32: dict(rtol=2e-6, atol=1e-7),

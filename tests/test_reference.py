@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cases
-from cases import rows_shape
+import helpers
+from helpers import rows_shape
 from reference import reference, reference_family
 
 REDUCTIONS = ('none', 'sum', 'mean')
@@ -28,8 +28,8 @@ def seed_of(*parts):
 
 def make_case(rng, shape, axis, *, scale=2.0, ignore_fraction=0.25, **kw):
     """float64 logits (or probabilities) and a label for a (shape, axis) problem."""
-    return cases.make_case(rng, shape, axis, dtype=numpy.float64, scale=scale, ignore_fraction=ignore_fraction,
-                           **kw)
+    return helpers.make_case(rng, shape, axis, dtype=numpy.float64, scale=scale,
+                             ignore_fraction=ignore_fraction, **kw)
 
 
 def make_loss_grad(rng, shape, axis, reduction):

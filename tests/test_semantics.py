@@ -1,71 +1,12 @@
-"""The numbered semantics of the public API, on every backend (see conftest)."""
+"""The numbered semantics of the public API, on every backend (see helpers.Backend)."""
 import numpy
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cupy_sce
+from helpers import assert_all_outputs, make_case
 from reference import reference
-
-TOL = {numpy.float16: dict(rtol=2e-3, atol=2e-3), numpy.float32: dict(rtol=2e-5, atol=2e-6),
-       numpy.float64: dict(rtol=1e-12, atol=1e-12)}
-
-
-def make_case(rng, shape, axis, soft=False, ignore_index=-100, dtype=numpy.float32, label_dtype=numpy.int64,
-              squeeze_label=False, ignore_fraction=0.2, scale=3.0):
-    x = (rng.standard_normal(shape) * scale).astype(dtype)
-    K = shape[axis]
-    if soft:
-        label = rng.random(shape)
-        label /= label.sum(axis=axis, keepdims=True)
-        return x, label.astype(numpy.float32 if dtype == numpy.float16 else dtype)
-    lshape = list(shape)
-    lshape[axis] = 1
-    label = rng.integers(0, K, size=lshape)
-    label[rng.random(lshape) < ignore_fraction] = ignore_index
-    if squeeze_label:
-        label = numpy.squeeze(label, axis)
-    return x, label.astype(label_dtype)
-
-
-def assert_all_outputs(backend, x, label, soft=False, ignore_index=-100, axis=-1, loss_grad=None):
-    """Every public path (4 gradient paths, lse, softmax) against the float64 reference."""
-    ref_loss, ref_sm, ref_grad, ref_lse = reference(x, label, soft, ignore_index, axis, loss_grad)
-    tol = TOL[x.dtype.type]
-    kw = dict(soft_label=soft, ignore_index=ignore_index, axis=axis)
-    x_before, label_before = x.copy(), label.copy()
-    loss, sm = backend(cupy_sce.softmax_with_cross_entropy, x, label, return_softmax=True, **kw)
-    assert loss.dtype == x.dtype and sm.dtype == x.dtype
-    assert loss.shape == ref_loss.shape and sm.shape == x.shape
-    numpy.testing.assert_allclose(loss, ref_loss, **tol)
-    numpy.testing.assert_allclose(sm, ref_sm, **tol)
-    loss2, lse = backend(cupy_sce.forward, x, label, **kw)
-    numpy.testing.assert_allclose(loss2, ref_loss, **tol)
-    assert lse.shape == ref_loss.shape and lse.dtype == cupy_sce.compute_dtype(x.dtype)
-    numpy.testing.assert_allclose(lse, ref_lse, **tol)
-    g = loss_grad if loss_grad is not None else numpy.ones(ref_loss.shape, x.dtype)
-    grads = {
-        'softmax': backend(cupy_sce.softmax_with_cross_entropy_grad, g, sm, label, **kw),
-        'lse': backend(cupy_sce.backward, loss_grad, x, lse, label, **kw),
-        'fused': backend(cupy_sce.forward_backward, x, label, loss_grad, **kw)[1],
-    }
-    for path, grad in grads.items():
-        assert grad.dtype == x.dtype and grad.shape == x.shape, path
-        tol = dict(_grad_tol(path, x.dtype.type))
-        if path == 'lse':  # the stored lse carries one rounding of |lse| * eps into exp(x - lse)
-            finite = numpy.abs(ref_lse[numpy.isfinite(ref_lse)])
-            lse_ulp = 4 * numpy.finfo(lse.dtype).eps * (finite.max() if finite.size else 0.0)
-            tol['rtol'] += lse_ulp
-            tol['atol'] += lse_ulp
-        numpy.testing.assert_allclose(grad, ref_grad, err_msg=path, **tol)
-    numpy.testing.assert_array_equal(x, x_before)
-    numpy.testing.assert_array_equal(label, label_before)
-
-
-def _grad_tol(path, dtype):
-    if path == 'softmax' and dtype == numpy.float16:  # the stored float16 softmax is the input
-        return dict(rtol=5e-3, atol=5e-3)
-    return TOL[dtype]
 
 
 # ---------------------------------------------------------------- hard labels, shapes, axes
