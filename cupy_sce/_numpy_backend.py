@@ -31,6 +31,7 @@ import functools
 import os
 import threading
 import typing
+import weakref
 
 import numpy
 
@@ -85,6 +86,18 @@ def set_num_threads(n):
             _pool = None
 
 
+def release_scratch():
+    """Free the NumPy backend's per-thread scratch buffers (the next call allocates them again).
+
+    Each thread keeps its tile buffers between calls -- about 4 MiB each (8 MiB in float64), one
+    to SCRATCH_SLOTS of them depending on the call -- so that a training loop does not pay page
+    faults every step.  Safe at any time: a call running meanwhile keeps the buffers it holds.
+    """
+    with _caches_lock:
+        for cache in list(_caches):
+            cache.clear()
+
+
 def _executor():
     global _pool
     with _pool_lock:
@@ -94,11 +107,28 @@ def _executor():
         return _pool
 
 
+class _Cache(dict):
+    """A thread's scratch buffers by slot (a dict that a WeakSet can hold: hashed by identity)."""
+    __hash__ = object.__hash__
+
+
+# Every live thread's scratch (see _scratch), so that release_scratch can empty them all; a
+# thread's goes when the thread does.
+_caches = weakref.WeakSet()
+_caches_lock = threading.Lock()
+# Scratch slots a thread can hold at once: x, soft, cap, exp, grad, target, terms, slope, slope+
+# (tests/test_contract.py checks the peak memory of a call against SCRATCH_SLOTS tiles a thread).
+SCRATCH_SLOTS = 9
+
+
 def _scratch(slot, shape, dtype):
-    """A per-thread reusable buffer: no allocation (and no page faults) per block."""
+    """A per-thread reusable buffer: no allocation (and no page faults) per block.  The buffers
+    stay between calls (at most SCRATCH_SLOTS tiles a thread) until release_scratch()."""
     cache = getattr(_local, 'cache', None)
     if cache is None:
-        cache = _local.cache = {}
+        cache = _local.cache = _Cache()
+        with _caches_lock:
+            _caches.add(cache)
     size = 1
     for n in shape:
         size *= n
@@ -111,15 +141,23 @@ def _scratch(slot, shape, dtype):
 class _Block:
     """One tile of rows: ``x`` in the compute dtype laid out as ``(ob, K, ib)``.
 
-    ``transposed`` tiles (tiny K, contiguous rows) hold ``rows`` rows as
-    ``(1, K, rows)``; ``rows()``/``full()`` read and ``put_rows()``/
-    ``put_full()`` write the caller's ``(outer, inner)`` and
-    ``(outer, K, inner)`` arrays in either layout.
+    The layout of a tile depends on K alone, so that a row's sums run in the same order
+    whatever layout, batch or tile it comes in (see ``_row_sum``):
+
+    * ``NATIVE``  -- the caller's ``(o1 - o0, K, i1 - i0)`` block as it is: contiguous rows of
+      more than SMALL_K classes, or strided rows (``inner > 1``) of at most SMALL_K;
+    * ``COLUMNS`` -- contiguous rows of at most SMALL_K classes, transposed to ``(1, K, rows)``;
+    * ``ROWS``    -- strided rows of more than SMALL_K classes, transposed to ``(rows, K, 1)``
+      (rows in ``(o, i)`` order).
+
+    ``rows()``/``full()`` read and ``put_rows()``/``put_full()`` write the caller's
+    ``(outer, inner)`` and ``(outer, K, inner)`` arrays in any layout.
     """
 
-    def __init__(self, p, o0, o1, i0, i1, transposed):
+    def __init__(self, p, o0, o1, i0, i1, layout):
         self.p, self.o0, self.o1, self.i0, self.i1 = p, o0, o1, i0, i1
-        self.transposed = transposed
+        self.layout = layout
+        self.n_rows = (o1 - o0) * (i1 - i0)
         self.x = self.full(p.x, 'x')
         if p.softcap is not None:
             # y = softcap * tanh(x / softcap) replaces x in every step (into scratch: the
@@ -133,9 +171,14 @@ class _Block:
     def full(self, arr, slot):
         view = arr[self.o0:self.o1, :, self.i0:self.i1]
         acc = self.p.acc_dtype
-        if self.transposed:
+        if self.layout == COLUMNS:
             tile = _scratch(slot, (1, view.shape[1], view.shape[0]), acc)
             numpy.copyto(tile[0], view[:, :, 0].T)
+            return tile
+        if self.layout == ROWS:
+            tile = _scratch(slot, (self.n_rows, view.shape[1], 1), acc)
+            numpy.copyto(tile[:, :, 0].reshape(view.shape[0], view.shape[2], view.shape[1]),
+                         view.transpose(0, 2, 1))
             return tile
         if view.dtype != acc:
             tile = _scratch(slot, view.shape, acc)
@@ -145,7 +188,11 @@ class _Block:
 
     def rows(self, arr):
         view = arr[self.o0:self.o1, self.i0:self.i1]
-        return view.reshape(1, 1, -1) if self.transposed else view[:, None, :]
+        if self.layout == COLUMNS:
+            return view.reshape(1, 1, -1)
+        if self.layout == ROWS:
+            return view.reshape(-1, 1, 1)
+        return view[:, None, :]
 
     def put_rows(self, out, value):
         view = out[self.o0:self.o1, self.i0:self.i1]
@@ -158,7 +205,7 @@ class _Block:
         each x before writing its result and needs no x afterwards); otherwise a
         tile that overlaps x gets scratch.
         """
-        if out is not None and not self.transposed and out.dtype == self.p.acc_dtype:
+        if out is not None and self.layout == NATIVE and out.dtype == self.p.acc_dtype:
             tile = out[self.o0:self.o1, :, self.i0:self.i1]
             if alias_ok or not numpy.may_share_memory(tile, self.x):
                 return tile
@@ -166,10 +213,23 @@ class _Block:
 
     def put_full(self, out, work):
         view = out[self.o0:self.o1, :, self.i0:self.i1]
-        if self.transposed:
+        if self.layout == COLUMNS:
             numpy.copyto(view[:, :, 0], work[0].T)
+        elif self.layout == ROWS:
+            numpy.copyto(view.transpose(0, 2, 1),
+                         work[:, :, 0].reshape(view.shape[0], view.shape[2], view.shape[1]))
         elif not numpy.may_share_memory(view, work):
             numpy.copyto(view, work)
+
+
+NATIVE, COLUMNS, ROWS = 'native', 'columns', 'rows'
+
+
+def _layout(p):
+    """The tile layout of a problem (see _Block): a function of K and whether rows are strided."""
+    if p.inner == 1:
+        return COLUMNS if p.K <= SMALL_K else NATIVE
+    return NATIVE if p.K <= SMALL_K else ROWS
 
 
 def _blocks(p, n_threads):
@@ -180,17 +240,17 @@ def _blocks(p, n_threads):
         return []
     elements = max(MIN_BLOCK_ELEMENTS,
                    min(BLOCK_ELEMENTS, p.outer * K * p.inner // (TILES_PER_THREAD * n_threads)))
+    layout = _layout(p)
     if p.inner == 1:
         rows = max(1, elements // K)
-        transposed = p.K <= SMALL_K
-        return [(o0, min(o0 + rows, p.outer), 0, 1, transposed) for o0 in range(0, p.outer, rows)]
+        return [(o0, min(o0 + rows, p.outer), 0, 1, layout) for o0 in range(0, p.outer, rows)]
     slab = K * p.inner
     if slab <= elements:
         outers = elements // slab
-        return [(o0, min(o0 + outers, p.outer), 0, p.inner, False)
+        return [(o0, min(o0 + outers, p.outer), 0, p.inner, layout)
                 for o0 in range(0, p.outer, outers)]
     inners = max(1, elements // K)
-    return [(o, o + 1, i0, min(i0 + inners, p.inner), False)
+    return [(o, o + 1, i0, min(i0 + inners, p.inner), layout)
             for o in range(p.outer) for i0 in range(0, p.inner, inners)]
 
 
@@ -232,24 +292,49 @@ def _row_max(x):
 
 def _row_sum(e, dtype=None):
     """Sum over the class axis of a tile-shaped ``(ob, K, ib)`` array (accumulated in ``dtype``,
-    default the array's), in an order that
-    depends on K alone, so that a row's sum (and every result) is the same whatever batch,
-    tiling or thread count it comes in.
+    default the array's), in an order that depends on K alone, so that a row's sum (and every
+    result) is the same whatever layout, batch, tile or thread count it comes in.
 
-    Contiguous rows use einsum's SIMD sum: measured 2.6x faster than NumPy's pairwise sum,
-    relative error <= 2e-6 at K = 128256 (about 2 ulp of the loss).  Not a BLAS matrix-vector
-    product: OpenBLAS threads every gemv above ~9K elements, and its threads inside ours
-    oversubscribed the cores (3-4x slower, measured).  A tile of one row is summed as one of
-    two identical rows: alone, einsum would sum it in 8192-element buffers and a column sum
-    would turn pairwise, each a different rounding from the one every multi-row tile gets.
+    * K <= SMALL_K (``COLUMNS`` or strided ``NATIVE`` tiles): one class after the other,
+      vectorised across the rows.  A tile of one column is summed as one of two identical
+      columns: alone, NumPy would make K its inner loop and sum pairwise.
+    * K > SMALL_K (rows of ``(rows, K, 1)``): ``_blocked_sum``.
     """
     rows, K, cols = e.shape
-    if cols == 1 and K > SMALL_K:
-        flat = e[:, :, 0] if rows > 1 else numpy.broadcast_to(e[:, :, 0], (2, K))
-        return numpy.einsum('ij->i', flat, dtype=dtype)[:rows, None, None]
-    if rows * cols == 1:
-        return numpy.broadcast_to(e, (1, K, 2)).sum(axis=1, keepdims=True, dtype=dtype)[:, :, :1]
+    if K > SMALL_K:
+        return _blocked_sum(e[:, :, 0], dtype)[:, None, None]
+    if cols == 1:
+        return numpy.broadcast_to(e, (rows, K, 2)).sum(axis=1, keepdims=True, dtype=dtype)[:, :, :1]
     return e.sum(axis=1, keepdims=True, dtype=dtype)
+
+
+# Rows longer than this are summed in blocks of it (see _blocked_sum).
+SUM_BLOCK = 2048
+
+
+def _blocked_sum(flat, dtype=None):
+    """Sums of the rows of a 2-D array with contiguous rows: each SUM_BLOCK classes summed with
+    einsum's SIMD sum, then those partial sums (the short last block included) with it again.
+
+    einsum is about 1.5x faster than NumPy's pairwise sum (docs/performance.md); alone over a
+    long row it keeps a few dozen accumulators, each summing K / 64 terms one after the other
+    (relative error 4.5e-6 at K = 2e6, measured), while the blocks keep every sum short (1e-7).
+    Not a BLAS matrix-vector product: OpenBLAS threads every gemv above ~9K elements, and its
+    threads inside ours oversubscribed the cores (3-4x slower, measured).  A single row is
+    summed as one of two identical rows: einsum sums a lone row in 8192-element buffers.
+    """
+    rows, K = flat.shape
+    if rows == 1:
+        flat = numpy.broadcast_to(flat, (2, K))
+    n_blocks, tail = divmod(K, SUM_BLOCK)
+    if n_blocks == 0:
+        return numpy.einsum('ij->i', flat, dtype=dtype)[:rows]
+    partial = numpy.empty((flat.shape[0], n_blocks + (tail > 0)), dtype or flat.dtype)
+    numpy.einsum('ijk->ij', flat[:, :n_blocks * SUM_BLOCK].reshape(-1, n_blocks, SUM_BLOCK),
+                 out=partial[:, :n_blocks], dtype=dtype)
+    if tail:
+        numpy.einsum('ij->i', flat[:, n_blocks * SUM_BLOCK:], out=partial[:, n_blocks], dtype=dtype)
+    return numpy.einsum('ij->i', partial)[:rows]
 
 
 class _RowSums(typing.NamedTuple):
@@ -278,49 +363,67 @@ def _exp_sum(x, exp_out, labels=None, shift_by_max=False):
     -inf - -inf; the kernels' merge shifts it by 0; both give sum 0 and lse -inf) and the
     others by 0, which leaves their exponentials bit for bit: a row's result never depends on
     its tile.  Soft labels (``shift_by_max``) shift every row: their loss has no label logit
-    to hold it exactly (see ``_unshifted_sums``).
+    to hold it exactly.
     """
     dtype_char = x.dtype.char
     safe = False
     if not shift_by_max:
         numpy.exp(x, out=exp_out)
-        tile_sum = _row_sum(exp_out)
-        label_exp = None if labels is None else labels.gather(exp_out)
-        safe = (tile_sum >= 0.5) & (tile_sum <= _LIMITS[dtype_char].max)
+        sums = _label_sums(exp_out, labels)
+        safe = (sums.tile_sum >= 0.5) & (sums.tile_sum <= _LIMITS[dtype_char].max)
         if safe.all():
-            return _unshifted_sums(tile_sum, labels, label_exp, dtype_char)
+            return _row_sums(0, sums, labels, dtype_char)
     row_max = _row_max(x)
     shift = numpy.where(safe, 0, numpy.maximum(row_max, _LIMITS[dtype_char].min, out=row_max))
     numpy.subtract(x, shift, out=exp_out)
     numpy.exp(exp_out, out=exp_out)
-    sum_exp = _row_sum(exp_out)
-    shifted = _RowSums(shift, numpy.log(sum_exp), sum_exp)
+    shifted = _row_sums(shift, _label_sums(exp_out, labels), labels, dtype_char)
     if not numpy.any(safe):
         return shifted
-    unshifted = _unshifted_sums(sum_exp, labels, label_exp, dtype_char)
+    unshifted = _row_sums(0, sums, labels, dtype_char)
     return _RowSums(*(numpy.where(safe, a, b) for a, b in zip(unshifted, shifted)))
 
 
-def _unshifted_sums(tile_sum, labels, label_exp, dtype_char):
-    """``_RowSums`` for rows holding ``exp(x)``; ``label_exp`` is ``exp(x[label])`` read back
-    from those rows.
+class _LabelSums(typing.NamedTuple):
+    """Sums of a tile of exponentials ``exp(x - s)``: ``tile_sum`` over every class and, with hard
+    labels, ``others`` over every class but the label (``label_exp`` is the label's term)."""
+    tile_sum: object
+    others: object = None
+    label_exp: object = None
 
-    ``shift`` is the label's own logit where it can be: then ``log_sum_exp = log1p((sum -
-    exp(x[label])) * exp(-x[label]))`` is the loss itself, as exact as the shifted form
-    (``log(sum) - x[label]`` would lose ``eps * lse`` to cancellation when the loss is
-    small), and exactly 0 when the other terms vanish (K = 1 gives loss 0 and softmax 1).
-    ``sum >= exp(x[label])`` holds in floating point too: adding non-negative terms never
-    rounds below one of them.  A label logit more than EXP_HEADROOM below ``log(sum)``
-    would overflow ``exp(-x[label])``; those rows (and all rows without labels) shift by 0,
-    and their loss, above EXP_HEADROOM, adds terms that do not cancel.
-    """
-    log_tile_sum = numpy.log(tile_sum)
+
+def _label_sums(exp_tile, labels):
+    """``_LabelSums`` of a tile.  The label's term is left out of the sum (set to 0, summed, put
+    back), not subtracted from it afterwards: when the label dominates, ``sum - exp(x[label])``
+    would cancel the digits of the small loss."""
     if labels is None:
-        return _RowSums(0, log_tile_sum, tile_sum)
-    far = labels.picked < log_tile_sum - _EXP_HEADROOM[dtype_char]
-    shift = numpy.where(far, 0, labels.picked)
-    others = (tile_sum - label_exp) * numpy.exp(-shift)
-    return _RowSums(shift, numpy.where(far, log_tile_sum, numpy.log1p(others)), tile_sum)
+        return _LabelSums(_row_sum(exp_tile))
+    label_exp = labels.gather(exp_tile)
+    labels.put(exp_tile, 0)
+    others = _row_sum(exp_tile)
+    labels.put(exp_tile, label_exp)
+    return _LabelSums(others + label_exp, others, label_exp)
+
+
+def _row_sums(exp_shift, sums, labels, dtype_char):
+    """``_RowSums`` for rows holding ``exp(x - exp_shift)`` summed as ``sums``.
+
+    With hard labels ``shift`` is the label's own logit where it can be: then ``log_sum_exp =
+    log1p(others * exp(exp_shift - x[label]))`` (``log1p`` of the sum over the other classes of
+    ``exp(x_k - x[label])``) is the loss itself, exact for a confident prediction (a loss of
+    1e-8 as well as one of 10), and exactly 0 when the other terms vanish (K = 1 gives loss 0
+    and softmax 1).  A label logit more than EXP_HEADROOM below ``log(sum)`` would overflow the
+    factor; those rows (and all rows without labels) keep ``exp_shift``, and their loss, above
+    EXP_HEADROOM, adds terms that do not cancel.
+    """
+    log_tile_sum = numpy.log(sums.tile_sum)
+    if labels is None:
+        return _RowSums(exp_shift, log_tile_sum, sums.tile_sum)
+    relative = labels.picked - exp_shift
+    far = relative < log_tile_sum - _EXP_HEADROOM[dtype_char]
+    shift = numpy.where(far, exp_shift, labels.picked)
+    others = sums.others * numpy.exp(numpy.where(far, 0, -relative))
+    return _RowSums(shift, numpy.where(far, log_tile_sum, numpy.log1p(others)), sums.tile_sum)
 
 
 def _exp_minus_lse(x, row_lse, out, scale=None):
@@ -383,8 +486,8 @@ class _TileLabels:
                 self.invalid = ignored | bad
         self.index = label if self.invalid is None else numpy.where(self.invalid, 0, label)
         self.flat = None
-        if p.inner == 1 and not b.transposed:
-            self.flat = _arange(b.o1 - b.o0) * p.K + self.index.reshape(-1)
+        if b.x.shape[2] == 1:  # rows of (rows, K, 1): flat offsets
+            self.flat = _arange(b.n_rows) * p.K + self.index.reshape(-1)
         self.picked = self.gather(b.x)
         self.bad_row = _first_bad_row(b, self.bad) if p.check_labels and self.bad is not None else None
 
@@ -408,7 +511,7 @@ class _TileLabels:
             numpy.copyto(rows, numpy.nan, where=self.bad)
         return rows
 
-    def put_label_gradient(self, tile, value):
+    def put(self, tile, value):
         """``tile[label] = value`` (per row) in a tile-shaped array."""
         if self.flat is not None and tile.flags.c_contiguous:
             tile.reshape(-1)[self.flat] = numpy.broadcast_to(value, self.index.shape).reshape(-1)
@@ -492,7 +595,7 @@ class _Family:
         if self.eps:
             tile -= (self.eps / b.p.K) * gw
         label_target = (1 - self.eps) + self.eps / b.p.K
-        labels.put_label_gradient(tile, (label_prob * scale - label_target) * gw)
+        labels.put(tile, (label_prob * scale - label_target) * gw)
 
 
 def _cap_slope(b, tile):
@@ -526,8 +629,6 @@ def _arange(n):
 def _first_bad_row(b, bad):
     """Canonical row index (o * inner + i) of the tile's first out-of-range label."""
     flat = int(numpy.flatnonzero(bad.reshape(-1))[0])
-    if b.transposed:
-        return (b.o0 + flat) * b.p.inner
     ib = b.i1 - b.i0
     return (b.o0 + flat // ib) * b.p.inner + b.i0 + flat % ib
 
