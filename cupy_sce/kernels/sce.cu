@@ -239,6 +239,7 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
         // an H200's memory system half idle); SCE_PREFETCH also issues the next step's loads
         // before this step's arithmetic
         const A y_ref = (P::state_mask & STATE_Y_SUM) ? smoothing_reference<P::softcap>(x_row, softcap) : A(0);
+        const bool skip_label = (P::state_mask & STATE_PICKED) && kind == LABEL_VALID;
         Vec<T, VEC> v[UNROLL], next[UNROLL];
         load_step(v, at.seg_begin + at.lane);
         for (long long j0 = at.seg_begin + at.lane; j0 < at.seg_end; j0 += step) {
@@ -257,8 +258,12 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
             rebase(state, step_max);
             if (state.max != -inf_value(A())) {  // all -inf so far: nothing to add
                 for (int u = 0; u < UNROLL; ++u) {
-                    if (j0 + (long long)u * group_size >= at.seg_end) continue;
-                    for (int e = 0; e < VEC; ++e) state.sum += exp_shifted(y[u][e] - state.max);
+                    const long long j = j0 + (long long)u * group_size;
+                    if (j >= at.seg_end) continue;
+                    for (int e = 0; e < VEC; ++e) {
+                        // the label's term stays out of the sum (row_terms adds it back exactly)
+                        if (!(skip_label && j * VEC + e == lab)) state.sum += exp_shifted(y[u][e] - state.max);
+                    }
                 }
             }
             if (P::state_mask & STATE_Y_SUM) {  // smoothing's sum_k (y_k - ref) (a -inf logit makes it -inf)
@@ -300,6 +305,7 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
 // Step 3: a row's scalars, the same in every thread of the row.
 template <typename A> struct RowTerms {
     A shift, log_sum_exp;  // lse = shift + log_sum_exp, kept apart (see row_terms)
+    A label_ce;            // hard labels: lse - y[label], without cancellation (see row_terms)
     A weight;              // the row weight w (1 without F_WEIGHT)
     A prob_scale;          // softmax_k is multiplied by sum_k t_k (+ 2 z lse) in the gradient
     A grad_scale;          // loss_grad * w
@@ -320,9 +326,26 @@ __device__ __forceinline__ RowTerms<typename Acc<T>::type> row_terms(
     if (P::lse_pass) {
         r.shift = state.max == -inf_value(A()) ? A(0) : state.max;
         r.log_sum_exp = log_acc(state.sum);
+        r.label_ce = r.log_sum_exp + (r.shift - state.picked);
+        if ((P::state_mask & STATE_PICKED) && kind == LABEL_VALID && state.max != -inf_value(A())) {
+            // pass 1 left the label's term out of state.sum (the other classes, relative to max)
+            const A label_rel = state.picked - state.max;  // <= 0
+            const A total = state.sum + exp_acc(label_rel);
+            r.log_sum_exp = log_acc(total);
+            // lse - y[label] = log1p(sum_{k != label} exp(y_k - y[label])): exact for a confident
+            // prediction, where log(total) + (max - y[label]) would round 1 + (a loss of 1e-8) to
+            // 1.  A label more than exp_headroom below the lse would overflow the factor; its loss
+            // is large and the max shift loses nothing there.  (shift and log_sum_exp stay relative
+            // to the max: pass 2's exp((y - shift) - log_sum_exp) must not subtract two large
+            // numbers, as a shift by a far-off label logit would.)
+            r.label_ce = label_rel >= r.log_sum_exp - exp_headroom(A())
+                             ? log1p_acc(state.sum * exp_acc(-label_rel))
+                             : r.log_sum_exp + (r.shift - state.picked);
+        }
     } else {
         r.shift = OP == OP_BACKWARD_LSE && at.active ? lse_in[at.row] : A(0);
         r.log_sum_exp = A(0);
+        r.label_ce = A(0);
     }
     r.one_minus_eps = P::smooth ? A(1) - smoothing : A(1);
     r.eps_over_k = P::smooth ? smoothing / A(K) : A(0);
@@ -360,7 +383,7 @@ __device__ __forceinline__ A finish_loss(A ce, const RowTerms<A>& t, int kind, A
     return loss;
 }
 
-// Step 4 (hard labels): ce = lse - y[label], as log_sum_exp + (shift - y[label]); with smoothing
+// Step 4 (hard labels): ce = lse - y[label] (row_terms' label_ce); with smoothing
 // (1 - eps) (lse - y[label]) + eps (lse - mean_k y_k), the mean from sum_k (y_k - ref) (pass 1).
 template <typename T, typename L, int OP, int F>
 __device__ __forceinline__ typename Acc<T>::type hard_loss(const RowState<typename Acc<T>::type>& state,
@@ -368,7 +391,7 @@ __device__ __forceinline__ typename Acc<T>::type hard_loss(const RowState<typena
                                                           long long K, int kind, typename Acc<T>::type smoothing,
                                                           typename Acc<T>::type z_loss, typename Acc<T>::type softcap) {
     typedef typename Acc<T>::type A;
-    A ce = t.log_sum_exp + (t.shift - state.picked);
+    A ce = t.label_ce;
     if (F & F_SMOOTH) {
         const A y_ref = smoothing_reference<(F & F_SOFTCAP) != 0>(x_row, softcap);
         ce = t.one_minus_eps * ce + smoothing * (t.log_sum_exp + ((t.shift - y_ref) - state.y_sum / A(K)));

@@ -81,6 +81,12 @@ __device__ __forceinline__ float tanh_acc(float v) { return tanhf(v); }
 __device__ __forceinline__ double tanh_acc(double v) { return tanh(v); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
 __device__ __forceinline__ double log_acc(double v) { return log(v); }
+__device__ __forceinline__ float log1p_acc(float v) { return log1pf(v); }
+__device__ __forceinline__ double log1p_acc(double v) { return log1p(v); }
+// exp(EXP_HEADROOM + 1) stays finite and normal (float overflows at 88.7, double at 709.8);
+// _numpy_backend._EXP_HEADROOM holds the same values.
+__device__ __forceinline__ float exp_headroom(float) { return 80.0f; }
+__device__ __forceinline__ double exp_headroom(double) { return 700.0; }
 
 // max that propagates NaN (fmaxf drops it): a NaN anywhere in a row must make its loss NaN.
 template <typename A> __device__ __forceinline__ A nan_max(A a, A b) {
@@ -122,7 +128,8 @@ __device__ __forceinline__ void record_bad_row(unsigned long long* bad_row, long
 
 // Per-thread state of one row, merged over the threads (and CTAs) that share the row:
 //   max, sum     running max and sum of exp(y - max) (y: the logits, soft-capped if asked)
-//   picked       the label's logit y[label] (only its owner lane holds it, others 0: merging is a sum)
+//   picked       the label's logit y[label] (only its owner lane holds it, others 0: merging is a sum);
+//                where a variant gathers it, `sum` leaves the label's own term out (see row_terms)
 //   label_sum    soft labels: sum_k label_k
 //   y_sum        label smoothing with hard labels: sum_k (y_k - ref), ref a logit of the row
 //   label_weight soft labels with class weights: sum_k label_k * weight_k
