@@ -254,14 +254,12 @@ class _Problem:
         label_dtype = numpy.int32 if label.dtype.itemsize < 4 or label.dtype == numpy.int32 \
             else numpy.int64
         if label.dtype == numpy.uint64:
+            # a value above int64's range becomes an out-of-range label (not wrapped to a valid
+            # one): the backends' label check reports its row like any bad label's (no extra host
+            # sync), and IndexError shows the caller's value; unchecked, its row is NaN
             too_big = label > numpy.iinfo(numpy.int64).max
-            if _check_labels_enabled():
-                found = xp.nonzero(too_big.ravel())[0]
-                if found.size:
-                    self.raise_bad_label(int(found[0]))
-            else:  # unchecked: out of range like any bad label (its row becomes NaN), not wrapped
-                out_of_range = self.K + 1 if self.ignore_index == self.K else self.K
-                label = xp.where(too_big, out_of_range, label.astype(numpy.int64))
+            out_of_range = self.K + 1 if self.ignore_index == self.K else self.K
+            label = xp.where(too_big, out_of_range, label.astype(numpy.int64))
         return xp.ascontiguousarray(label, dtype=label_dtype).reshape(self.outer, self.inner)
 
     def row_array(self, value, name, dtype):
@@ -289,10 +287,11 @@ class _Problem:
         as int64: int32 labels and a value outside their range must not overflow."""
         return self.label == self.xp.asarray(self.ignore_index, dtype=numpy.int64)
 
-    def reject_bad_labels_before_overwrite(self, backend, grad):
-        """When the gradient is written into the logits (``grad is self.x``), raise for a bad
-        hard label before anything is overwritten (one extra gather, only with the check on)."""
-        if grad is self.x and self.check_labels and not self.soft_label:
+    def reject_bad_labels_before_overwrite(self, backend, out):
+        """When the gradient goes into the caller's memory (``out`` given: the logits or another
+        buffer), raise for a bad hard label before anything is written (one extra gather, only
+        with the check on): a bad label must leave every array the caller holds as it was."""
+        if out is not None and self.check_labels and not self.soft_label:
             self.check(backend.gather_label_logit(self)[1])
 
     def raise_bad_label(self, row):
@@ -571,7 +570,7 @@ def backward(loss_grad, logits, lse, label, soft_label=False, ignore_index=-100,
     row_grad = _row_loss_grad(p, loss_grad, reduction)
     grad, target, copy_back = _grad_target(p, out, 'out')
     backend = _backend_for(xp)
-    p.reject_bad_labels_before_overwrite(backend, grad)
+    p.reject_bad_labels_before_overwrite(backend, out)
     if use_softmax:
         p.check(backend.backward_out(p, row_grad, lse2, None, grad))
     else:
@@ -614,7 +613,7 @@ def forward_backward(logits, label, loss_grad=None, soft_label=False, ignore_ind
     row_grad = _row_loss_grad(p, loss_grad, reduction)
     grad, target, copy_back = _grad_target(p, logits if inplace else None, 'logits')
     backend = _backend_for(xp)
-    p.reject_bad_labels_before_overwrite(backend, grad)
+    p.reject_bad_labels_before_overwrite(backend, logits if inplace else None)
     loss = _loss_rows(p)
     if use_softmax:
         p.check(backend.forward_backward_out(p, row_grad, loss, grad))

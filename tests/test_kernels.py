@@ -385,7 +385,10 @@ def test_label_check_costs_one_flag_and_can_be_skipped():
     assert len(reads) == 1
     with cupy_sce.label_check(False):
         backend(cupy_sce.softmax_with_cross_entropy, x, label)
-    assert len(reads) == 1  # no device-to-host read without the check
+        backend(cupy_sce.softmax_with_cross_entropy, x, label.astype(numpy.uint64))
+    assert len(reads) == 1  # no device-to-host read without the check, uint64 labels included
+    backend(cupy_sce.softmax_with_cross_entropy, x, label.astype(numpy.uint64))
+    assert len(reads) == 2  # with it, the one flag
 
 
 # ---------------------------------------------------------------- 64-bit offsets

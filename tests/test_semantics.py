@@ -358,10 +358,18 @@ def test_out_of_range_label_position_uses_label_shape(backend):
         backend(cupy_sce.softmax_with_cross_entropy, x, label, axis=1)
 
 
-def test_uint64_label_too_large(numpy_backend):
-    label = numpy.array([[2 ** 63 + 5]], numpy.uint64)
-    with pytest.raises(IndexError, match='9223372036854775813'):
-        cupy_sce.softmax_with_cross_entropy(numpy.zeros((1, 3), numpy.float32), label)
+def test_uint64_label_too_large(backend):
+    """A uint64 label above int64's range is a bad label like any other: reported by the label
+    check with its value and position (no extra host sync: see test_kernels' count of reads), and
+    NaN without the check; it never wraps to a valid class."""
+    x = numpy.zeros((3, 3), numpy.float32)
+    label = numpy.array([[1], [2 ** 63 + 5], [2]], numpy.uint64)
+    with pytest.raises(IndexError, match=r'9223372036854775813 at position \(1, 0\)'):
+        backend(cupy_sce.softmax_with_cross_entropy, x, label)
+    with cupy_sce.label_check(False):
+        loss = backend(cupy_sce.softmax_with_cross_entropy, x, label)
+        grad = backend(cupy_sce.forward_backward, x, label)[1]
+    assert numpy.isfinite(loss[[0, 2]]).all() and numpy.isnan(loss[1, 0]) and numpy.isnan(grad[1]).all()
 
 
 def test_label_check_can_be_disabled(backend):
