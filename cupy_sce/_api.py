@@ -568,6 +568,11 @@ def backward(loss_grad, logits, lse, label, soft_label=False, ignore_index=-100,
         raise ValueError('lse is required (from forward) unless use_softmax=False')
     lse2 = p.row_array(lse, 'lse', p.acc_dtype) if use_softmax else None
     row_grad = _row_loss_grad(p, loss_grad, reduction)
+    if out is not None:
+        # the backends read these while they write out: no overlap (the logits: see _grad_target)
+        for other_name, other in (('lse', lse), ('label', label), ('loss_grad', loss_grad), ('weight', weight)):
+            if other is not None and xp.may_share_memory(out, other):
+                raise ValueError('out overlaps {}: pass a separate buffer'.format(other_name))
     grad, target, copy_back = _grad_target(p, out, 'out')
     backend = _backend_for(xp)
     p.reject_bad_labels_before_overwrite(backend, out)

@@ -8,7 +8,24 @@ backends, and the same target ``t`` and row weight ``w``: the one-hot or soft la
 """
 import numpy
 
+from cupy_sce import _numpy_backend
 from cupy_sce._numpy_backend import _quiet
+
+
+def _class_sum(a):
+    """Sum over the class axis of an ``(outer, K, inner)`` array, as ``(outer, inner)``.
+
+    NumPy: in the NumPy backend's order, which depends on K alone (README, batch invariance):
+    class by class across rows for K <= SMALL_K, else along contiguous rows in blocks.  CuPy:
+    its reduction kernel, whose order may depend on the shape (the one documented exception).
+    """
+    if not isinstance(a, numpy.ndarray):
+        return a.sum(axis=1)
+    outer, K, inner = a.shape
+    if K <= _numpy_backend.SMALL_K:
+        return _numpy_backend._row_sum(a)[:, 0, :]
+    rows = numpy.ascontiguousarray(a.transpose(0, 2, 1)).reshape(outer * inner, K)
+    return _numpy_backend._blocked_sum(rows).reshape(outer, inner)
 
 
 class _Rows:
@@ -24,7 +41,7 @@ class _Rows:
             self.target = p.label if not eps else (1 - eps) * p.label + eps / max(p.K, 1)
             self.weight = None
             if p.weight is not None:  # a class the target does not touch adds 0, even at weight NaN
-                self.weight = xp.where(self.target == 0, 0, self.target * p.weight[:, None]).sum(axis=1)
+                self.weight = _class_sum(xp.where(self.target == 0, 0, self.target * p.weight[:, None]))
             return
         self.ignored = p.ignored()
         self.bad = ~self.ignored & ((p.label < 0) | (p.label >= p.K))
@@ -57,11 +74,11 @@ def _write_loss(p, rows, loss):
     log_p = xp.log(p.x.astype(p.acc_dtype, copy=False))  # (outer, K, inner)
     if rows.target is not None:
         # a zero target adds 0 even where p_k = 0 (0 * -inf would be NaN)
-        ce = -xp.where(rows.target == 0, 0, rows.target * log_p).sum(axis=1)
+        ce = -_class_sum(xp.where(rows.target == 0, 0, rows.target * log_p))
     else:
         ce = -(1 - eps) * xp.take_along_axis(log_p, rows.index[:, None, :], axis=1)[:, 0, :]
         if eps:
-            ce = ce - eps / max(p.K, 1) * log_p.sum(axis=1)
+            ce = ce - eps / max(p.K, 1) * _class_sum(log_p)
     if rows.weight is not None:
         ce = ce * rows.weight
     loss[...] = rows.mask(ce, xp)
