@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: GPU tests, the gradient check on the cupy backend, the GPU
-# benchmark and the kernel variants of tune_gpu.py (at most 150 + 60 + 180 + 200 s; about 150 s on
-# an H200). Logs go to $OUT (or ./device_check_out). Needs CuPy, numpy, pytest and hypothesis
+# One command for a GPU machine: GPU tests (the contract properties included), the worst ulp
+# errors of the kernels, the gradient check on the cupy backend, the GPU benchmark and the kernel
+# variants of tune_gpu.py (at most 150 + 60 + 60 + 180 + 200 s). Logs go to $OUT (or ./device_check_out). Needs CuPy, numpy, pytest and hypothesis
 # (torch optional, as a benchmark peer); uses cupy_sce from this checkout.
 #   PYTHON=python3 bash scripts/device_check.sh [extra bench.py arguments]
 set -uo pipefail
@@ -14,8 +14,11 @@ nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 status=0
 echo "== GPU tests"
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cupy_backend.py tests/test_semantics.py \
-  -k "cupy" >"$OUT/gpu_tests.log" 2>&1 || status=1
+  tests/test_family.py tests/test_contract.py -k "cupy" >"$OUT/gpu_tests.log" 2>&1 || status=1
 tail -15 "$OUT/gpu_tests.log"
+echo "== accuracy (cupy; the README's ulp table)"
+timeout 60 "$PY" scripts/accuracy.py --backends cupy --problems 200 >"$OUT/accuracy_cupy.log" 2>&1 || status=1
+cat "$OUT/accuracy_cupy.log"
 echo "== gradient check (cupy)"
 timeout 60 "$PY" scripts/gradcheck.py --backend cupy >"$OUT/gradcheck_cupy.log" 2>&1 || status=1
 tail -3 "$OUT/gradcheck_cupy.log"

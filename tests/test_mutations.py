@@ -27,6 +27,8 @@ PROBE = ['tests/test_harness.py::test_asan_build_matches_environment',
          'tests/test_kernels.py::test_cluster_instantiations_run_and_match',
          'tests/test_kernels.py::test_64bit_offsets_on_huge_sparse_buffers',
          'tests/test_kernels.py::test_in_place_every_group_size',
+         'tests/test_contract.py::test_row_max_keeps_a_nan_from_any_lane',
+         'tests/test_contract.py::test_a_confident_prediction_keeps_its_digits',
          'tests/test_semantics.py']
 
 # the feature mutants' probe: every feature at once, one harness library to build
@@ -79,6 +81,12 @@ MUTANTS = {
         'sce.cu', '(threadIdx.x / group_size) * at.seg_chunks', '(threadIdx.x / group_size)', 0, False, PROBE),
     'pass 2 runs one vector past the row (ASan)': (
         'sce.cu', _PASS2_GUARD.format('>='), _PASS2_GUARD.format('>'), 0, True, PROBE),
+    # the contract (issue 11)
+    'row max merge drops a NaN from one side': (
+        'sce_common.cuh', 'const { return nan_max(a, b); }', 'const { return a > b ? a : b; }', 0, False, PROBE),
+    'confident loss from log(sum)': (
+        'sce.cu', 'r.label_ce = label_rel >= r.log_sum_exp - exp_headroom(A())',
+        'r.label_ce = false', 0, False, PROBE),
     # the loss family (issue 10)
     'class weight index off by one': (
         'sce.cu', 'r.weight = r.one_minus_eps * weight[lab] + mean_part;',
