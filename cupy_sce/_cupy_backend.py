@@ -241,6 +241,8 @@ class CupyBackend:
         labelled = op != 'lse'
         features = p.features if op in _kernels.FEATURE_OPS else 0
         bad_buf = self._bad_row_buffer(p) if labelled else None
+        staged = self._stage_misaligned(p, dict(x=x, softmax_in=softmax_in, softmax=softmax, grad=grad))
+        x, softmax_in, softmax, grad = (staged[name][0] for name in ('x', 'softmax_in', 'softmax', 'grad'))
         vec = self._vec(p, x, softmax_in, softmax, grad)
         label_type = self._label_type(p) if labelled else 'int'
         clusters = self.runtime.limits() if USE_CLUSTERS else (False, 0)
@@ -254,7 +256,33 @@ class CupyBackend:
                  numpy.int64(p.ignore_index), acc(p.label_smoothing), acc(p.z_loss), acc(p.softcap or 0),
                  numpy.int32(plan.group), self._ptr(bad_buf))
         self._execute(p, plan, args)
+        for name in ('softmax', 'grad'):
+            buffer, caller = staged[name]
+            if buffer is not caller:
+                caller[...] = buffer
         return self._bad_row(bad_buf)
+
+    def _stage_misaligned(self, p, arrays):
+        """{name: (array to launch with, caller's array)}: where rows could take 16-byte vectors
+        but a caller's T array does not start on 16 bytes (a view at an odd offset), it is staged
+        in a fresh, aligned copy (outputs are copied back after the launch; in place, x and grad
+        share the copy).  A row's summation order depends on the vector width, so without this a
+        row's bits would depend on where the caller's buffer starts."""
+        width = _kernels.vector_width(p.dtype)
+        staged = {name: (a, a) for name, a in arrays.items()}
+        if p.inner != 1 or p.K % width or width == 1:
+            return staged
+        copies = {}
+        for name, a in arrays.items():
+            if a is None or self.runtime.address(a) % 16 == 0:
+                continue
+            key = id(a)
+            if key not in copies:
+                copies[key] = self.xp.empty_like(a)
+                if name in ('x', 'softmax_in') or a is arrays['x']:  # read by the kernel
+                    copies[key][...] = a
+            staged[name] = (copies[key], a)
+        return staged
 
     # ---------------------------------------------------------------- backend interface
 

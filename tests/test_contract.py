@@ -215,7 +215,19 @@ LAYOUTS = {
     'fortran': lambda a: numpy.asfortranarray(a.copy()),
     'reversed': lambda a: numpy.flip(numpy.flip(a, -1).copy(), -1) if a.ndim else a,
     'every-other': lambda a: _every_other(a),
+    'misaligned': lambda a: _misaligned(a),
 }
+
+
+def _misaligned(a):
+    """``a``'s values in a C-contiguous view that starts one element into its buffer (not on 16
+    bytes: the kernels' vector loads need 16)."""
+    if a.ndim == 0:
+        return a
+    buf = numpy.empty(a.size + 1, a.dtype)
+    view = buf[1:].reshape(a.shape)
+    view[...] = a
+    return view
 
 
 def _every_other(a):

@@ -332,7 +332,10 @@ def test_cluster_instantiations_run_and_match(monkeypatch):
 
 @needs_harness
 @pytest.mark.parametrize('dtype', DTYPES)
-def test_misaligned_buffers_fall_back_to_scalar_loads(dtype):
+def test_misaligned_buffers_are_staged_for_vector_loads(dtype):
+    """A C-contiguous view that does not start on 16 bytes is staged in an aligned copy: the
+    launch keeps its 16-byte vectors, and so the aligned array's summation order and bits (the
+    scalar-load variant sums in another order); in place the result is copied back."""
     backend = Backend('harness')
     x, label = make_case(numpy.random.default_rng(1), (4, 64), -1, dtype=dtype)
     storage = numpy.empty(x.size + 1, dtype)
@@ -340,7 +343,13 @@ def test_misaligned_buffers_fall_back_to_scalar_loads(dtype):
     shifted[...] = x
     assert shifted.ctypes.data % 16
     assert_all_outputs(backend, shifted, label)
-    assert ', 1, ' in backend.runtime.launched[-1]  # VEC = 1
+    vec = ', {}, '.format(16 // numpy.dtype(dtype).itemsize)
+    assert vec in backend.runtime.launched[-1]
+    aligned = backend(cupy_sce.forward_backward, x, label)
+    numpy.testing.assert_array_equal(backend(cupy_sce.forward_backward, shifted, label)[1], aligned[1])
+    with backend.active():
+        cupy_sce.forward_backward(shifted, label, inplace=True)
+    numpy.testing.assert_array_equal(shifted, aligned[1])
 
 
 @needs_harness
