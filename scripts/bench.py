@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark cupy_sce against its peers, measured in the same run.
 
-    python scripts/bench.py [--quick] [--device cpu|gpu|all] [--threads N] [--repeat N] [--out DIR]
+    python scripts/bench.py [--quick] [--overhead] [--device cpu|gpu|all] [--threads N] [--repeat N] [--out DIR]
 
 CPU peers (whichever are installed): a naive NumPy composition, PyTorch CPU
 ``F.cross_entropy(reduction='none')`` (+ ``.backward()``), and one
@@ -14,6 +14,11 @@ events on a GPU), the effective GB/s under the byte model below, the ratio
 peer_time / cupy_sce_time for each peer (> 1: cupy_sce is faster), and on a
 GPU the fraction of the peak memory bandwidth.  It writes bench.csv and, with
 matplotlib installed, bench.png under --out.
+
+--overhead (also run by --quick): per-call time of small problems, (8, 10), (64, 1000) and
+(256, 32000), for forward, softmax_with_cross_entropy and forward_backward against the naive
+NumPy composition and PyTorch CPU in the same process, and the CuPy backend's host time per call
+with kernel launches that do nothing.
 
 Byte model (what an ideal fused kernel must move; labels, loss and lse, a few
 bytes per row, are counted too):
@@ -509,7 +514,7 @@ def write_outputs(rows, out_dir):
     with open(path, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['device', 'case', 'op', 'median_ms', 'min_ms', 'gbs', 'peak_fraction', 'copy_fraction',
-                    'extra_peak_mib', 'first_call_extra_mib']
+                    'extra_peak_mib', 'first_call_extra_mib', 'cupy_host_us']
                    + ['{} ms'.format(p) for p in peers] + ['x vs {}'.format(p) for p in peers])
         for r in rows:
             w.writerow([r['device'], r['case'], r['op'], '{:.4f}'.format(r['median_ms']),
@@ -517,7 +522,8 @@ def write_outputs(rows, out_dir):
                         '{:.4f}'.format(r['peak_fraction']) if 'peak_fraction' in r else '',
                         '{:.4f}'.format(r['copy_fraction']) if 'copy_fraction' in r else '',
                         '{:.3f}'.format(r['extra_peak_mib']) if 'extra_peak_mib' in r else '',
-                        '{:.3f}'.format(r['first_call_extra_mib']) if 'first_call_extra_mib' in r else '']
+                        '{:.3f}'.format(r['first_call_extra_mib']) if 'first_call_extra_mib' in r else '',
+                        '{:.2f}'.format(r['host_us']) if 'host_us' in r else '']
                        + ['{:.4f}'.format(r['peer_ms'][p]) if p in r['peer_ms'] else '' for p in peers]
                        + ['{:.3f}'.format(r['ratios'][p]) if p in r['ratios'] else '' for p in peers])
     print('wrote', path)
@@ -527,6 +533,9 @@ def write_outputs(rows, out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         print('matplotlib not installed: no chart (pip install -e ".[bench]")')
+        return
+    rows = [r for r in rows if 'host_us' not in r]  # the per-call rows have no throughput
+    if not rows:
         return
     labels = ['{}\n{}'.format(r['case'], r['op']) for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(rows)), 5))
@@ -541,6 +550,97 @@ def write_outputs(rows, out_dir):
     print('wrote', png)
 
 
+# ---------------------------------------------------------------- per-call overhead
+
+OVERHEAD_SHAPES = ((8, 10), (64, 1000), (256, 32000))
+
+
+class NoLaunchRuntime:
+    """A CuPy backend runtime whose kernel launches do nothing, on NumPy arrays: what remains of a
+    call is the host's work in front of every GPU launch (checks, views, launch plan, arguments)."""
+    xp = numpy
+
+    class _Kernel:
+        max_dynamic_shared_size_bytes = 1 << 30
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            pass
+
+    def kernel(self, dtype, name):
+        return self._Kernel()
+
+    @staticmethod
+    def address(array):
+        return array.ctypes.data
+
+    @staticmethod
+    def read_scalar(array):
+        return int(array[0])
+
+    @staticmethod
+    def limits():
+        return (False, 0)
+
+
+def per_call_us(fn, calls, rounds=5):
+    """Best of ``rounds`` of the mean time of ``calls`` back-to-back calls, in microseconds."""
+    fn()
+    best = float('inf')
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+def overhead_calls(x, label):
+    """{name: (cupy_sce call, naive NumPy call, PyTorch CPU call or None)} for one shape."""
+    naive_forward = naive(numpy, 'forward', x, label, -1)
+    naive_fb = naive(numpy, 'forward+backward', x, label, -1)
+    naive_sm = naive(numpy, 'forward+softmax', x, label, -1)
+    torch_forward = torch_peer('forward', x, label, -1, 'cpu')
+    torch_sm = torch_peer('forward+softmax', x, label, -1, 'cpu')
+    torch_fb = torch_peer('forward+backward', x, label, -1, 'cpu')
+    return {
+        'forward': (lambda: cupy_sce.forward(x, label), naive_forward, torch_forward),
+        'softmax_with_cross_entropy': (lambda: cupy_sce.softmax_with_cross_entropy(x, label), naive_forward,
+                                       torch_forward),
+        'swce return_softmax': (lambda: cupy_sce.softmax_with_cross_entropy(x, label, return_softmax=True),
+                                naive_sm, torch_sm),
+        'forward_backward': (lambda: cupy_sce.forward_backward(x, label), naive_fb, torch_fb),
+    }
+
+
+def run_overhead(args, rows):
+    """Per-call time of small problems (NumPy backend) against the naive NumPy composition and
+    PyTorch CPU, interleaved in the same process; and the CuPy backend's host time per call
+    with launches that do nothing (NoLaunchRuntime)."""
+    from cupy_sce import _cupy_backend, testing
+    calls = 200 if args.quick else 2000
+    print('# per-call overhead: best of 5 rounds of {} calls, microseconds'.format(calls))
+    host_backend = _cupy_backend.CupyBackend(NoLaunchRuntime())
+    for shape in OVERHEAD_SHAPES:
+        x, label = make_inputs(numpy, shape, -1, numpy.float32)
+        n_calls = max(5, calls * 640 // (x.size + 640)) if x.size > 64000 else calls
+        name = 'x'.join(map(str, shape))
+        for op, (ours, naive_fn, torch_fn) in overhead_calls(x, label).items():
+            peers = {'numpy naive': per_call_us(naive_fn, n_calls)}
+            if torch_fn is not None:
+                peers['torch cpu'] = per_call_us(torch_fn, n_calls)
+            us = per_call_us(ours, n_calls)
+            with testing.use_backend(host_backend):
+                host_us = per_call_us(ours, n_calls)
+            row = dict(device='cpu', case=name, op='call ' + op, impl='cupy_sce', median_ms=us / 1e3,
+                       min_ms=us / 1e3, gbs=0.0, host_us=host_us)
+            row['peer_ms'] = {p: t / 1e3 for p, t in peers.items()}
+            row['ratios'] = {p: t / us for p, t in peers.items()}
+            rows.append(row)
+            print('{:<12} {:<28} {:8.1f} us  cupy host path {:6.1f} us | {}'.format(
+                name, op, us, host_us, ', '.join('{} {:.1f} us -> x{:.2f}'.format(p, peers[p], peers[p] / us)
+                                                  for p in peers)), flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='small shapes, few repeats (< 1 minute)')
@@ -548,6 +648,8 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='NumPy backend threads')
     parser.add_argument('--repeat', type=int, default=None)
     parser.add_argument('--out', default='bench_out')
+    parser.add_argument('--overhead', action='store_true',
+                        help='only the per-call overhead of small problems (also part of --quick)')
     args = parser.parse_args(argv)
     if args.repeat is None:
         args.repeat = 3 if args.quick else 7
@@ -555,7 +657,9 @@ def main(argv=None):
         cupy_sce.set_num_threads(args.threads)
     rows, failures = [], []
     report_skipped_peers(args.device)
-    if args.device in ('cpu', 'all'):
+    if args.overhead or (args.quick and args.device in ('cpu', 'all')):
+        run_overhead(args, rows)
+    if args.device in ('cpu', 'all') and not args.overhead:
         run_cpu(args, rows)
     if args.device in ('gpu', 'all'):
         try:

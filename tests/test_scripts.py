@@ -79,8 +79,12 @@ def test_bench_quick_smoke(tmp_path):
     assert len(rows) - len(feature_rows) == 4 * 5, result.stdout  # 4 shapes x 5 operations
     assert len(feature_rows) == 7 and all(' cost ' in line for line in feature_rows), result.stdout
     assert 'extra peak' in result.stdout and 'x vs' not in result.stdout
+    # the per-call overhead of 3 small shapes x 4 calls, with the CuPy backend's host time
+    call_rows = [line for line in result.stdout.splitlines() if ' us  cupy host path ' in line]
+    assert len(call_rows) == 3 * 4 and all('numpy naive' in line for line in call_rows), result.stdout
     csv_text = (tmp_path / 'bench.csv').read_text().splitlines()
-    assert csv_text[0].startswith('device,case,op,median_ms') and len(csv_text) == 1 + 20 + 7
+    assert csv_text[0].startswith('device,case,op,median_ms') and len(csv_text) == 1 + 20 + 7 + 12
+    assert sum(',call ' in line for line in csv_text) == 12
 
 
 def test_bench_gpu_path_runs_with_a_stand_in_device(tmp_path, monkeypatch):
