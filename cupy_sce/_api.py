@@ -204,6 +204,13 @@ class _Problem:
 
     def _set_features(self, weight, label_smoothing, z_loss, softcap):
         """The loss family's options, checked; ``features`` is their bit set (_kernels.F_*)."""
+        if weight is None and softcap is None and type(label_smoothing) is float and type(z_loss) is float \
+                and label_smoothing == 0.0 and z_loss == 0.0:
+            # the defaults (every Paddle-op call): nothing to convert or range-check
+            self.label_smoothing = self.z_loss = 0.0
+            self.softcap = self.weight = self.weight_sum = None
+            self.features = 0
+            return
         def acc(value):
             with numpy.errstate(over='ignore'):  # a float32 overflow is reported below, not warned
                 return self.acc_dtype.type(value)

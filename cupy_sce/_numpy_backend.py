@@ -55,16 +55,22 @@ _pool_lock = threading.Lock()
 _num_threads = None
 
 
+_usable_cores = None
+
+
 def _default_num_threads():
     env = os.environ.get('CUPY_SCE_NUM_THREADS')
     if env:
         if not env.strip().isdigit() or int(env) < 1:
             raise ValueError('CUPY_SCE_NUM_THREADS must be a positive integer, got {!r}'.format(env))
         return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    global _usable_cores
+    if _usable_cores is None:  # a system call: once per process (it is on every call's path)
+        try:
+            _usable_cores = max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            _usable_cores = max(1, os.cpu_count() or 1)
+    return _usable_cores
 
 
 def get_num_threads():
@@ -260,23 +266,28 @@ def _for_each_block(p, body):
     Tiles are split statically into one contiguous chunk per thread: one pool
     task per thread, not per tile.
     """
-    tiles = _blocks(p, get_num_threads())
-    n_threads = min(get_num_threads(), len(tiles))
+    threads = get_num_threads()
+    tiles = _blocks(p, threads)
+    n_threads = min(threads, len(tiles))
 
     def run(chunk):
         found = []
-        with numpy.errstate(all='ignore'):
-            for tile in chunk:
-                result = body(_Block(p, *tile))
-                if result is not None:
-                    found.append(result)
+        for tile in chunk:
+            result = body(_Block(p, *tile))
+            if result is not None:
+                found.append(result)
         return min(found) if found else None
 
+    def run_quietly(chunk):  # in a pool thread: numpy's error state is per thread
+        with numpy.errstate(all='ignore'):
+            return run(chunk)
+
     if n_threads <= 1:
-        results = [run(tiles)]
+        with numpy.errstate(all='ignore'):
+            results = [run(tiles)]
     else:
         bounds = [len(tiles) * t // n_threads for t in range(n_threads + 1)]
-        results = list(_executor().map(run, [tiles[a:b] for a, b in zip(bounds, bounds[1:])]))
+        results = list(_executor().map(run_quietly, [tiles[a:b] for a, b in zip(bounds, bounds[1:])]))
     bad = [r for r in results if r is not None]
     return min(bad) if bad else None
 
@@ -524,7 +535,11 @@ class _TileLabels:
     def put(self, tile, value):
         """``tile[label] = value`` (per row) in a tile-shaped array."""
         if tile.flags.c_contiguous:
-            tile.reshape(-1)[self.flat] = numpy.broadcast_to(value, self.index.shape).reshape(-1)
+            if numpy.ndim(value) and value.size == self.flat.size:
+                value = value.reshape(-1)
+            elif numpy.ndim(value):
+                value = numpy.broadcast_to(value, self.index.shape).reshape(-1)
+            tile.reshape(-1)[self.flat] = value  # a scalar is broadcast by the assignment
         else:
             numpy.put_along_axis(tile, self.index, value, axis=1)
 
