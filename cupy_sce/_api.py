@@ -387,11 +387,17 @@ def _shaped_loss(p, loss, reduction):
     return loss.reshape(p.loss_shape) if reduction == 'none' else loss
 
 
-@_quiet
 def _reduce(p, rows, reduction):
     """Per-row losses (compute dtype) as the user's output: the logits' dtype, reduced to 0-d for
     'mean' (0 when the normalizer is 0) and 'sum'.  Sums run in a fixed order (same bits on
     every run and thread count)."""
+    if reduction == 'none' and p.dtype == p.acc_dtype:
+        return rows  # nothing to cast or sum (and no error state to enter: a small call's time)
+    return _reduce_quietly(p, rows, reduction)
+
+
+@_quiet
+def _reduce_quietly(p, rows, reduction):
     xp = p.xp
     if reduction == 'none':
         return rows.astype(p.dtype, copy=False)
@@ -401,13 +407,17 @@ def _reduce(p, rows, reduction):
     return xp.asarray(total).astype(p.dtype)
 
 
-@_quiet
 def _row_loss_grad(p, loss_grad, reduction):
     """``loss_grad`` as one value per row (compute dtype; None = ones without reduction).  With
     'mean' or 'sum' it is a scalar (None = 1) spread over the rows, divided by the normalizer
     for 'mean' (0 when that is 0)."""
     if reduction == 'none':
         return p.loss_grad_rows(loss_grad)
+    return _reduced_loss_grad(p, loss_grad, reduction)
+
+
+@_quiet
+def _reduced_loss_grad(p, loss_grad, reduction):
     xp, acc = p.xp, p.acc_dtype
     if loss_grad is None:
         g = xp.ones((), acc)

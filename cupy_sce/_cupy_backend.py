@@ -52,6 +52,8 @@ STATE_SLOTS = 33
 USE_CLUSTERS = False
 CLUSTER_SEGMENT_LIMIT = 64 * 1024
 CLUSTER_BLOCK = 256
+# Launch plans a backend keeps (see CupyBackend._plan); a training loop has a handful of shapes.
+PLAN_CACHE_SIZE = 1024
 NO_BAD_ROW = numpy.iinfo(numpy.uint64).max
 NULL = numpy.uint64(0)  # a null pointer argument (8 bytes of zeros)
 
@@ -188,6 +190,7 @@ class CupyBackend:
     def __init__(self, runtime):
         self.runtime = runtime
         self.xp = runtime.xp
+        self._plans = {}
 
     # ---------------------------------------------------------------- launch helpers
 
@@ -241,12 +244,11 @@ class CupyBackend:
         labelled = op != 'lse'
         features = p.features if op in _kernels.FEATURE_OPS else 0
         bad_buf = self._bad_row_buffer(p) if labelled else None
-        staged = self._stage_misaligned(p, dict(x=x, softmax_in=softmax_in, softmax=softmax, grad=grad))
+        vec, staged = self._stage_misaligned(p, dict(x=x, softmax_in=softmax_in, softmax=softmax, grad=grad))
         x, softmax_in, softmax, grad = (staged[name][0] for name in ('x', 'softmax_in', 'softmax', 'grad'))
-        vec = self._vec(p, x, softmax_in, softmax, grad)
         label_type = self._label_type(p) if labelled else 'int'
         clusters = self.runtime.limits() if USE_CLUSTERS else (False, 0)
-        plan = launch_plan(p.dtype, label_type, op, features, p.outer * p.inner, p.K, p.inner, vec, clusters)
+        plan = self._plan(p.dtype, label_type, op, features, p.outer * p.inner, p.K, p.inner, vec, clusters)
         acc = p.acc_dtype.type
         args = tuple(self._ptr(a) for a in (x, p.label if labelled else None, softmax_in, lse_in, loss_grad,
                                             p.weight if features & _kernels.F_WEIGHT else None,
@@ -263,15 +265,17 @@ class CupyBackend:
         return self._bad_row(bad_buf)
 
     def _stage_misaligned(self, p, arrays):
-        """{name: (array to launch with, caller's array)}: where rows could take 16-byte vectors
-        but a caller's T array does not start on 16 bytes (a view at an odd offset), it is staged
-        in a fresh, aligned copy (outputs are copied back after the launch; in place, x and grad
-        share the copy).  A row's summation order depends on the vector width, so without this a
-        row's bits would depend on where the caller's buffer starts."""
-        width = _kernels.vector_width(p.dtype)
+        """(vector width, {name: (array to launch with, caller's array)}).
+
+        Rows take 16-byte vectors when they are contiguous and K is a multiple of the vector.
+        Then a caller's T array that does not start on 16 bytes (a view at an odd offset) is
+        staged in a fresh, aligned copy (outputs are copied back after the launch; in place, x and
+        grad share the copy): a row's summation order depends on the vector width, so without
+        this a row's bits would depend on where the caller's buffer starts."""
         staged = {name: (a, a) for name, a in arrays.items()}
-        if p.inner != 1 or p.K % width or width == 1:
-            return staged
+        width = _kernels.vector_width(p.dtype)
+        if p.inner != 1 or p.K % width:
+            return 1, staged
         copies = {}
         for name, a in arrays.items():
             if a is None or self.runtime.address(a) % 16 == 0:
@@ -279,10 +283,25 @@ class CupyBackend:
             key = id(a)
             if key not in copies:
                 copies[key] = self.xp.empty_like(a)
+                if self.runtime.address(copies[key]) % 16:  # pragma: no cover - allocators align to 16+
+                    return 1, {name: (a, a) for name, a in arrays.items()}
                 if name in ('x', 'softmax_in') or a is arrays['x']:  # read by the kernel
                     copies[key][...] = a
             staged[name] = (copies[key], a)
-        return staged
+        return width, staged
+
+    def _plan(self, *args):
+        """``launch_plan(*args)``, cached: the plan is a pure function of its arguments and of the
+        module's tuning constants (which tests and tune_gpu.py may change: they are part of the
+        key), and computing it is a good part of a small call's host time."""
+        key = args + (GROUP_TABLE, CHUNKS_PER_THREAD, COLUMN_SLICES, ROWS_BLOCK, SHARED_LIMIT, USE_CLUSTERS,
+                      CLUSTER_SEGMENT_LIMIT, CLUSTER_BLOCK, group_size_for, launch_geometry, shared_mem_bytes)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()
+            plan = self._plans[key] = launch_plan(*args)
+        return plan
 
     # ---------------------------------------------------------------- backend interface
 

@@ -189,6 +189,18 @@ def test_instantiation_list():
     assert sorted(n for key in range(_kernels.ALL_FEATURES + 1) for n in harness.library_names(key)) == sorted(every)
 
 
+@needs_harness
+def test_launch_plans_are_cached_per_problem_and_tuning(monkeypatch):
+    """The backend computes a problem's plan once; a changed tuning constant is a new key."""
+    backend = harness.backend()
+    args = (numpy.float32, 'long long', 'forward', 0, 10, 1000, 1, 4, (False, 0))
+    first = backend._plan(*args)
+    assert first == _cupy_backend.launch_plan(*args) and backend._plan(*args) is first
+    monkeypatch.setattr(_cupy_backend, 'GROUP_TABLE', ((float('inf'), 64),))
+    retuned = backend._plan(*args)
+    assert retuned.group == 64 and retuned == _cupy_backend.launch_plan(*args) and first.group != 64
+
+
 def test_launch_plan():
     """The pure launch plan: kernel, geometry, row cache and shared memory from the problem alone."""
     plan = _cupy_backend.launch_plan(numpy.float32, 'long long', 'forward_backward', 0, 10, 1500, 1, 4)
