@@ -182,6 +182,7 @@ class _Problem:
         self.shape = logits.shape
         self.dtype = logits.dtype
         self.acc_dtype = compute_dtype(logits.dtype)
+        self.loss_dtype = logits.dtype  # Paddle's rule; the loss_dtype keyword may change it
         self.soft_label = _check_bool('soft_label', soft_label)
         self.ignore_index = _check_int('ignore_index', ignore_index)
         if not _INT64_MIN <= self.ignore_index <= _INT64_MAX:
@@ -341,6 +342,20 @@ def _check_reduction(reduction):
     return reduction
 
 
+def _check_loss_dtype(p, loss_dtype):
+    """``loss_dtype=None`` keeps Paddle's rule (the logits' dtype); else a float dtype that the
+    loss (computed in the compute dtype) is rounded to once."""
+    if loss_dtype is None:
+        return
+    try:
+        dtype = numpy.dtype(loss_dtype)
+    except TypeError as exc:
+        raise TypeError('loss_dtype must be None or a float dtype, got {!r}'.format(loss_dtype)) from exc
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError('loss_dtype must be None, float16, float32 or float64, got {!r}'.format(loss_dtype))
+    p.loss_dtype = dtype
+
+
 def _loss_rows(p):
     """A buffer for the per-row losses: the kernels write them in the compute dtype."""
     return p.empty((p.outer, p.inner), p.acc_dtype)
@@ -388,10 +403,10 @@ def _shaped_loss(p, loss, reduction):
 
 
 def _reduce(p, rows, reduction):
-    """Per-row losses (compute dtype) as the user's output: the logits' dtype, reduced to 0-d for
-    'mean' (0 when the normalizer is 0) and 'sum'.  Sums run in a fixed order (same bits on
+    """Per-row losses (compute dtype) as the user's output: ``p.loss_dtype`` (the logits' dtype
+    unless loss_dtype= says otherwise), reduced to 0-d for 'mean' (0 when the normalizer is 0) and 'sum'.  Sums run in a fixed order (same bits on
     every run and thread count)."""
-    if reduction == 'none' and p.dtype == p.acc_dtype:
+    if reduction == 'none' and p.loss_dtype == p.acc_dtype:
         return rows  # nothing to cast or sum (and no error state to enter: a small call's time)
     return _reduce_quietly(p, rows, reduction)
 
@@ -400,11 +415,11 @@ def _reduce(p, rows, reduction):
 def _reduce_quietly(p, rows, reduction):
     xp = p.xp
     if reduction == 'none':
-        return rows.astype(p.dtype, copy=False)
+        return rows.astype(p.loss_dtype, copy=False)
     total = rows.sum(dtype=p.acc_dtype)
     if reduction == 'mean':
         total = _per_mean_divisor(p, total)
-    return xp.asarray(total).astype(p.dtype)
+    return xp.asarray(total).astype(p.loss_dtype)
 
 
 def _row_loss_grad(p, loss_grad, reduction):
@@ -471,7 +486,7 @@ def _check_use_softmax(use_softmax, p):
 
 
 def forward(logits, label, soft_label=False, ignore_index=-100, axis=-1, *, weight=None, label_smoothing=0.0,
-            z_loss=0.0, softcap=None, reduction='none', use_softmax=True):
+            z_loss=0.0, softcap=None, reduction='none', use_softmax=True, loss_dtype=None):
     """Memory-light forward: ``(loss, lse)``; no N*K softmax is kept.
 
     ``lse`` (log-sum-exp of each row's logits, soft-capped when ``softcap`` is
@@ -479,12 +494,13 @@ def forward(logits, label, soft_label=False, ignore_index=-100, axis=-1, *, weig
     float16 logits, so the backward pass keeps precision).  The features and
     ``reduction`` are those of :func:`cross_entropy`; the z-loss alone is
     ``z_loss * lse**2``.  ``use_softmax=False``: ``logits`` hold probabilities
-    and ``lse`` is None.
+    and ``lse`` is None.  ``loss_dtype`` (None: the logits' dtype) is the loss's dtype.
     """
     xp, (logits, label, weight) = _as_arrays([('logits', logits), ('label', label), ('weight', weight)])
     reduction = _check_reduction(reduction)
     p = _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
     use_softmax = _check_use_softmax(use_softmax, p)
+    _check_loss_dtype(p, loss_dtype)
     loss = _loss_rows(p)
     if not use_softmax:
         p.check(_probabilities.forward_out(p, loss))
@@ -495,7 +511,7 @@ def forward(logits, label, soft_label=False, ignore_index=-100, axis=-1, *, weig
 
 
 def cross_entropy(input, label, weight=None, ignore_index=-100, reduction='mean', soft_label=False, axis=-1,
-                  use_softmax=True, label_smoothing=0.0, name=None, *, z_loss=0.0, softcap=None):
+                  use_softmax=True, label_smoothing=0.0, name=None, *, z_loss=0.0, softcap=None, loss_dtype=None):
     """Paddle's ``paddle.nn.functional.cross_entropy`` on numpy or cupy arrays, plus ``z_loss``
     (PaLM: each row's loss gains ``z_loss * lse**2``) and ``softcap`` (Gemma 2: the logits become
     ``softcap * tanh(logits / softcap)`` first).
@@ -504,12 +520,14 @@ def cross_entropy(input, label, weight=None, ignore_index=-100, reduction='mean'
     class axis, as given) and the input's shape with ``shape[axis] == 1`` for soft labels;
     'mean' and 'sum' return a 0-d array of the input's dtype.  ``use_softmax=False``: ``input``
     holds probabilities (see README, Semantics).  ``name`` is accepted for Paddle compatibility
-    and ignored.
+    and ignored.  ``loss_dtype`` (None: the input's dtype) is the loss's dtype: float32 keeps the
+    digits a float16 loss rounds away.
     """
     xp, (input, label, weight) = _as_arrays([('input', input), ('label', label), ('weight', weight)])
     reduction = _check_reduction(reduction)
     p = _family(xp, input, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, 'input')
     use_softmax = _check_use_softmax(use_softmax, p)
+    _check_loss_dtype(p, loss_dtype)
     loss = _loss_rows(p)
     if use_softmax:
         p.check(_backend_for(xp).forward_out(p, loss, None, None))
@@ -619,12 +637,12 @@ def softmax_with_cross_entropy_grad(loss_grad, softmax, label, soft_label=False,
 
 def forward_backward(logits, label, loss_grad=None, soft_label=False, ignore_index=-100, axis=-1,
                      inplace=False, *, weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                     reduction='none', use_softmax=True):
+                     reduction='none', use_softmax=True, loss_dtype=None):
     """Loss and gradient from one pass: ``(loss, logits_grad)``.
 
     ``inplace=True`` writes the gradient into ``logits`` (destroying them) and
-    returns that array as ``logits_grad``.  Features, ``reduction`` and
-    ``use_softmax`` as in :func:`forward` / :func:`backward`.
+    returns that array as ``logits_grad``.  Features, ``reduction``, ``use_softmax`` and
+    ``loss_dtype`` as in :func:`forward` / :func:`backward`.
     """
     xp, (logits, label, loss_grad, weight) = _as_arrays(
         [('logits', logits), ('label', label), ('loss_grad', loss_grad), ('weight', weight)])
@@ -632,6 +650,7 @@ def forward_backward(logits, label, loss_grad=None, soft_label=False, ignore_ind
     reduction = _check_reduction(reduction)
     p = _family(xp, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap)
     use_softmax = _check_use_softmax(use_softmax, p)
+    _check_loss_dtype(p, loss_dtype)
     row_grad = _row_loss_grad(p, loss_grad, reduction)
     grad, target, copy_back = _grad_target(p, logits if inplace else None, 'logits')
     backend = _backend_for(xp)

@@ -823,3 +823,32 @@ def test_empty_and_unchecked_corner_cases(numpy_backend):
         cupy_sce.cross_entropy(numpy.array([[1, 2]]), numpy.array([0]))
     with pytest.raises(TypeError, match='loss_grad must be a real number'):
         cupy_sce.forward_backward(x, numpy.array([0, 1]), 1j, reduction='mean')
+
+
+@pytest.mark.parametrize('reduction', REDUCTIONS)
+@pytest.mark.parametrize('soft', [False, True])
+def test_loss_dtype_keeps_the_digits_a_float16_loss_rounds_away(backend, reduction, soft):
+    """loss_dtype=float32 returns the loss the kernels computed in float32, rounded once: within
+    float32's tolerance of the float64 reference, where the float16 loss is off by up to half a
+    float16 ulp (0.008 at a loss of 16).  The gradient keeps the logits' dtype, lse float32."""
+    rng = numpy.random.default_rng(40)
+    x, label = make_case(rng, (6, 3000), -1, dtype=numpy.float16, soft=soft, scale=4.0)
+    ref = reference_family(x, label, soft_label=soft, reduction=reduction)
+    for fn in (cupy_sce.forward, cupy_sce.forward_backward, cupy_sce.cross_entropy):
+        kw = dict(soft_label=soft, reduction=reduction, loss_dtype=numpy.float32)
+        out = backend(fn, x, label, **kw)
+        loss = out if fn is cupy_sce.cross_entropy else out[0]
+        assert loss.dtype == numpy.float32, fn.__name__
+        numpy.testing.assert_allclose(loss, ref['loss'].reshape(loss.shape), rtol=2e-5, atol=1e-6,
+                                      err_msg=fn.__name__)
+        if fn is cupy_sce.forward:
+            assert out[1].dtype == numpy.float32
+        if fn is cupy_sce.forward_backward:
+            assert out[1].dtype == numpy.float16
+        default = backend(fn, x, label, soft_label=soft, reduction=reduction)
+        default = default if fn is cupy_sce.cross_entropy else default[0]
+        assert default.dtype == numpy.float16
+        numpy.testing.assert_array_equal(default, loss.astype(numpy.float16))  # one rounding either way
+    for bad in ('int32', numpy.complex64, 'nonsense', 3):
+        with pytest.raises(TypeError, match='loss_dtype'):
+            backend(cupy_sce.forward, x, label, soft_label=soft, loss_dtype=bad)
