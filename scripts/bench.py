@@ -639,6 +639,36 @@ def run_overhead(args, rows):
             print('{:<12} {:<28} {:8.1f} us  cupy host path {:6.1f} us | {}'.format(
                 name, op, us, host_us, ', '.join('{} {:.1f} us -> x{:.2f}'.format(p, peers[p], peers[p] / us)
                                                   for p in peers)), flush=True)
+        bridge_row(rows, name, x, label, n_calls)
+
+
+def bridge_row(rows, name, x, label, n_calls):
+    """The PyTorch bridge's forward+backward per call (cupy_sce.torch.cross_entropy and .backward())
+    against the plain array call (forward_backward, mean) and torch's own loss, same process."""
+    try:
+        import torch
+        from cupy_sce import torch as sce_torch
+    except ImportError:
+        return
+    xt, lt = torch.from_numpy(x), torch.from_numpy(label[:, 0])
+
+    def bridge():
+        logits = xt.detach().requires_grad_(True)
+        sce_torch.cross_entropy(logits, lt).backward()
+
+    def theirs():
+        logits = xt.detach().requires_grad_(True)
+        torch.nn.functional.cross_entropy(logits, lt).backward()
+    plain_us = per_call_us(lambda: cupy_sce.forward_backward(x, label, reduction='mean'), n_calls)
+    torch_us = per_call_us(theirs, n_calls)
+    us = per_call_us(bridge, n_calls)
+    row = dict(device='cpu', case=name, op='call torch bridge fwd+bwd', impl='cupy_sce', median_ms=us / 1e3,
+               min_ms=us / 1e3, gbs=0.0, host_us=float('nan'),
+               peer_ms={'array call': plain_us / 1e3, 'torch cpu': torch_us / 1e3},
+               ratios={'array call': plain_us / us, 'torch cpu': torch_us / us})
+    rows.append(row)
+    print('{:<12} {:<28} {:8.1f} us  bridge overhead {:+6.1f} us | torch cpu {:.1f} us -> x{:.2f}'.format(
+        name, 'torch bridge fwd+bwd', us, us - plain_us, torch_us, torch_us / us), flush=True)
 
 
 def main(argv=None):

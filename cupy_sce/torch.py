@@ -1,0 +1,195 @@
+"""PyTorch bridge: ``torch.nn.functional.cross_entropy`` on cupy_sce, with autograd.
+
+    from cupy_sce.torch import cross_entropy          # instead of torch.nn.functional's
+    loss = cross_entropy(logits, target)               # logits (N, C) or (N, C, d1, ...)
+    loss.backward()
+
+CPU tensors run on the NumPy backend through ``Tensor.numpy()`` views, CUDA tensors on the CuPy
+backend through DLPack, on the tensor's device and ``torch.cuda.current_stream()``: no copies of
+the logits either way.  The forward keeps only the per-row log-sum-exp for the backward (not the
+softmax), and the backward is one pass over the logits (``cupy_sce.backward``).
+
+Semantics are PyTorch's (class dimension 1 for inputs of rank >= 2, dimension 0 for an
+unbatched ``(C,)`` input; probability targets when ``target`` is floating), except where noted:
+
+* ``reduction='mean'`` over rows that are all ``ignore_index`` (or whose weights sum to 0) is 0
+  with gradient 0; PyTorch returns NaN.
+* ``weight`` together with ``label_smoothing``, and ``weight`` with probability targets, are
+  refused (``ValueError``): PyTorch weights each class's term there, cupy_sce (like Paddle) the
+  row; the numbers would differ silently.
+* ``z_loss`` (PaLM) and ``softcap`` (Gemma 2) are cupy_sce's additions (see the README).
+
+This module imports torch; importing ``cupy_sce`` alone never does.
+"""
+import numpy
+import torch
+
+import cupy_sce
+
+_REDUCTIONS = ('none', 'mean', 'sum')
+
+
+def _to_array(tensor):
+    """The tensor's data as a NumPy (CPU) or CuPy (CUDA) array sharing its memory."""
+    tensor = tensor.detach()
+    if tensor.device.type == 'cpu':
+        if tensor.dtype == torch.bfloat16:
+            raise TypeError('bfloat16 tensors are not supported yet (cupy_sce computes float16, float32 '
+                            'and float64)')
+        return tensor.numpy()
+    if tensor.device.type == 'cuda':
+        import cupy
+        return cupy.from_dlpack(tensor)
+    raise TypeError('cupy_sce runs on CPU and CUDA tensors, got a tensor on {}'.format(tensor.device))
+
+
+def _to_tensor(array, device):
+    """A torch tensor sharing ``array``'s memory (None stays None)."""
+    if array is None:
+        return None
+    if isinstance(array, (numpy.ndarray, numpy.generic)):
+        return torch.from_numpy(numpy.asarray(array))
+    return torch.from_dlpack(array).to(device)
+
+
+class _Stream:
+    """On CUDA tensors, run CuPy on PyTorch's current stream of the tensor's device."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.contexts = []
+
+    def __enter__(self):
+        if self.tensor.device.type == 'cuda':
+            import cupy
+            device = cupy.cuda.Device(self.tensor.device.index)
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.tensor.device).cuda_stream,
+                                              self.tensor.device.index)
+            for context in (device, stream):
+                context.__enter__()
+                self.contexts.append(context)
+        return self
+
+    def __exit__(self, *exc):
+        while self.contexts:
+            self.contexts.pop().__exit__(*exc)
+        return False
+
+
+def _check(input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward):
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError('input and target must be torch tensors, got {} and {}'.format(
+            type(input).__name__, type(target).__name__))
+    if input.dim() < 1:
+        raise ValueError('input must have rank >= 1 (classes on dimension 1, or 0 when unbatched), got a '
+                         '0-d tensor')
+    if reduction not in _REDUCTIONS:
+        raise ValueError("reduction must be 'none', 'mean' or 'sum', got {!r}".format(reduction))
+    if target.device != input.device:
+        raise ValueError('target is on {} but input on {}'.format(target.device, input.device))
+    soft = target.is_floating_point()
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError('weight must be a torch tensor, got {}'.format(type(weight).__name__))
+        if label_smoothing:
+            raise ValueError('weight with label_smoothing is refused: PyTorch weights each class term of the '
+                             'smoothed target, cupy_sce weights the row (Paddle); use one of them, or '
+                             'cupy_sce.cross_entropy for Paddle\'s semantics')
+        if soft:
+            raise ValueError('weight with probability targets is refused: PyTorch weights each class term, '
+                             'cupy_sce weights the row (Paddle); use cupy_sce.cross_entropy for Paddle\'s '
+                             'semantics')
+    if not isinstance(inplace_backward, bool):
+        raise TypeError('inplace_backward must be a bool, got {!r}'.format(inplace_backward))
+    if inplace_backward and input.is_leaf and input.requires_grad:
+        raise ValueError('inplace_backward=True would overwrite a leaf tensor that requires grad (its values '
+                         'are what the optimizer updates); pass the logits computed from it instead')
+    return soft
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Forward: the row losses and lse (saved); backward: the gradient from lse in one pass."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                inplace_backward, soft):
+        axis = 1 if input.dim() >= 2 else 0
+        x, label = _to_array(input), _to_array(target)
+        w = None if weight is None else _to_array(weight)
+        kw = dict(soft_label=soft, ignore_index=ignore_index, axis=axis, weight=w,
+                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction)
+        with _Stream(input):
+            loss, lse = cupy_sce.forward(x, label, **kw)
+        ctx.kw = kw
+        ctx.inplace_backward = inplace_backward
+        lse_tensor = _to_tensor(lse, input.device)
+        ctx.save_for_backward(input, target, weight, lse_tensor)
+        loss = _to_tensor(loss, input.device)
+        if reduction == 'none':  # PyTorch's shape: the input's without the class dimension
+            loss = loss.reshape(input.shape[:axis] + input.shape[axis + 1:])
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, target, weight, lse = ctx.saved_tensors
+        kw = dict(ctx.kw)
+        kw['weight'] = None if weight is None else _to_array(weight)
+        x, label = _to_array(input), _to_array(target)
+        axis = kw['axis']
+        if kw['reduction'] == 'none':
+            g = grad_output.reshape(input.shape[:axis] + (1,) + input.shape[axis + 1:])
+        else:
+            g = grad_output.reshape(())
+        g = _to_array(g.to(lse.dtype).contiguous())
+        with _Stream(input):
+            if ctx.inplace_backward:
+                grad = cupy_sce.backward(g, x, _to_array(lse), label, out=x, **kw)
+            else:
+                grad = cupy_sce.backward(g, x, _to_array(lse), label, **kw)
+        if ctx.inplace_backward:
+            # the logits now hold their gradient: a node that saved them must fail, not read it
+            torch.autograd.graph.increment_version(input)
+            grad_input = input.detach()
+        else:
+            grad_input = _to_tensor(grad, input.device)
+        return grad_input, None, None, None, None, None, None, None, None, None
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction='mean', label_smoothing=0.0, *,
+                  z_loss=0.0, softcap=None, inplace_backward=False):
+    """``torch.nn.functional.cross_entropy`` on cupy_sce's fused kernels (see the module docstring
+    for the deviations).  ``inplace_backward=True`` writes the gradient into the logits' storage
+    (no gradient buffer: the logits are destroyed by the backward)."""
+    soft = _check(input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward)
+    if not input.requires_grad:  # no graph to build: the array call alone
+        with torch.no_grad():
+            return _CrossEntropy.forward(_NoContext(), input, target, weight, ignore_index, reduction,
+                                         float(label_smoothing), float(z_loss), softcap, inplace_backward, soft)
+    return _CrossEntropy.apply(input, target, weight, ignore_index, reduction, float(label_smoothing),
+                               float(z_loss), softcap, inplace_backward, soft)
+
+
+class _NoContext:
+    """Stands in for autograd's ctx when no graph is built."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """``torch.nn.CrossEntropyLoss`` on cupy_sce (see :func:`cross_entropy`)."""
+
+    def __init__(self, weight=None, ignore_index=-100, reduction='mean', label_smoothing=0.0, *, z_loss=0.0,
+                 softcap=None, inplace_backward=False):
+        super().__init__()
+        self.register_buffer('weight', weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input, target):
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+                             z_loss=self.z_loss, softcap=self.softcap, inplace_backward=self.inplace_backward)
