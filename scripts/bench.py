@@ -640,6 +640,37 @@ def run_overhead(args, rows):
                 name, op, us, host_us, ', '.join('{} {:.1f} us -> x{:.2f}'.format(p, peers[p], peers[p] / us)
                                                   for p in peers)), flush=True)
         bridge_row(rows, name, x, label, n_calls)
+        paddle_bridge_row(rows, name, x, label, n_calls)
+
+
+def paddle_bridge_row(rows, name, x, label, n_calls):
+    """The Paddle bridge's forward+backward per call (cupy_sce.paddle.cross_entropy, mean) against
+    the plain array call and Paddle's own cross_entropy, same process."""
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            import paddle
+            from cupy_sce import paddle as sce_paddle
+    except ImportError:
+        return
+    xt, lt = paddle.to_tensor(x), paddle.to_tensor(label)
+
+    def run(loss_fn):
+        def call():
+            logits = xt.detach()
+            logits.stop_gradient = False
+            loss_fn(logits, lt).backward()
+        return call
+    plain_us = per_call_us(lambda: cupy_sce.forward_backward(x, label, reduction='mean'), n_calls)
+    paddle_us = per_call_us(run(paddle.nn.functional.cross_entropy), n_calls)
+    us = per_call_us(run(sce_paddle.cross_entropy), n_calls)
+    rows.append(dict(device='cpu', case=name, op='call paddle bridge fwd+bwd', impl='cupy_sce', median_ms=us / 1e3,
+                     min_ms=us / 1e3, gbs=0.0, host_us=float('nan'),
+                     peer_ms={'array call': plain_us / 1e3, 'paddle cpu': paddle_us / 1e3},
+                     ratios={'array call': plain_us / us, 'paddle cpu': paddle_us / us}))
+    print('{:<12} {:<28} {:8.1f} us  bridge overhead {:+6.1f} us | paddle cpu {:.1f} us -> x{:.2f}'.format(
+        name, 'paddle bridge fwd+bwd', us, us - plain_us, paddle_us, paddle_us / us), flush=True)
 
 
 def bridge_row(rows, name, x, label, n_calls):

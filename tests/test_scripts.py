@@ -83,7 +83,8 @@ def test_bench_quick_smoke(tmp_path):
     call_rows = [line for line in result.stdout.splitlines() if ' us  cupy host path ' in line]
     assert len(call_rows) == 3 * 4 and all('numpy naive' in line for line in call_rows), result.stdout
     csv_text = (tmp_path / 'bench.csv').read_text().splitlines()
-    bridge_rows = 3 if 'torch bridge fwd+bwd' in result.stdout else 0  # with PyTorch installed
+    # with PyTorch and Paddle installed, a bridge row per shape each
+    bridge_rows = 3 * (('torch bridge fwd+bwd' in result.stdout) + ('paddle bridge fwd+bwd' in result.stdout))
     assert csv_text[0].startswith('device,case,op,median_ms') and len(csv_text) == 1 + 20 + 7 + 12 + bridge_rows
     assert sum(',call ' in line for line in csv_text) == 12 + bridge_rows
 
