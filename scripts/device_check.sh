@@ -15,6 +15,9 @@ status=0
 echo "== GPU tests"
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cupy_backend.py tests/test_semantics.py \
   tests/test_family.py tests/test_contract.py -k "cupy" >"$OUT/gpu_tests.log" 2>&1 || status=1
+echo "== framework bridges on the GPU (streams, CUDA graph capture)"
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_torch.py tests/test_paddle.py \
+  -k "cuda or gpu" >>"$OUT/gpu_tests.log" 2>&1 || status=1
 tail -15 "$OUT/gpu_tests.log"
 echo "== accuracy (cupy; the README's ulp table)"
 timeout 60 "$PY" scripts/accuracy.py --backends cupy --problems 200 >"$OUT/accuracy_cupy.log" 2>&1 || status=1

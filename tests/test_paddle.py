@@ -163,3 +163,31 @@ def test_a_training_loop_follows_paddle():
         curves.append(curve)
     numpy.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
     assert curves[0][-1] < 0.5 * curves[0][0]
+
+
+def test_float16_tensors():
+    x, t = make((6, 50), -1, 'float16', squeeze=True)
+    loss = sce_paddle.cross_entropy(x, t, reduction='sum')
+    loss.backward()
+    x32 = paddle.to_tensor(x.numpy().astype('float32'), stop_gradient=False)
+    ref = PF.cross_entropy(x32, t, reduction='sum')
+    ref.backward()
+    assert loss.dtype == paddle.float16 and x.grad.dtype == paddle.float16
+    numpy.testing.assert_allclose(float(loss), float(ref), rtol=2e-3)
+    numpy.testing.assert_allclose(x.grad.numpy().astype('float32'), x32.grad.numpy(), rtol=2e-3, atol=2e-4)
+
+
+def test_gpu_tensors_on_paddles_stream():
+    """On a GPU: Paddle GPU tensors run on the CuPy backend on Paddle's current stream, with
+    Paddle's numbers."""
+    if not paddle.device.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
+        pytest.skip('no CUDA device for paddle')
+    pytest.importorskip('cupy')
+    with paddle.device.stream_guard(paddle.device.Stream()):
+        x, t = make((64, 1000), -1, squeeze=True)
+        x = x.cuda()
+        x.stop_gradient = False
+        t = t.cuda()
+        (loss, grad), (ref_loss, ref_grad) = both(sce_paddle.cross_entropy, PF.cross_entropy, x, t)
+    numpy.testing.assert_allclose(loss, ref_loss, **TOL['float32'])
+    numpy.testing.assert_allclose(grad, ref_grad, **TOL['float32'])

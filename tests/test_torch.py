@@ -188,3 +188,52 @@ def test_cuda_tensors_on_a_side_stream():
     stream.synchronize()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_float16_tensors_and_a_clear_error_for_bfloat16():
+    x, t = make((6, 50), torch.float16, requires_grad=True)
+    loss = sce_torch.cross_entropy(x, t)
+    loss.backward()
+    x32 = x.detach().float().requires_grad_(True)
+    ref = F.cross_entropy(x32, t)
+    ref.backward()
+    assert loss.dtype == torch.float16 and x.grad.dtype == torch.float16
+    torch.testing.assert_close(loss.float(), ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(x.grad.float(), x32.grad, rtol=2e-3, atol=2e-4)
+    with pytest.raises(TypeError, match='bfloat16'):
+        sce_torch.cross_entropy(x.detach().bfloat16(), t)
+
+
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip('no CUDA device for torch')
+    return pytest.importorskip('cupy')
+
+
+def test_cuda_graph_capture_without_a_host_sync():
+    """On a GPU: with the label check off nothing is read back, so a forward+backward can be
+    captured in a CUDA graph (a host synchronisation inside a capture is an error) and replayed."""
+    _cuda_or_skip()
+    import cupy_sce
+    x, t = make((64, 1000), torch.float32)
+    static_x = x.detach().cuda().requires_grad_(True)
+    static_t = t.clamp(min=0).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with cupy_sce.label_check(False), torch.cuda.stream(side):
+        for _ in range(2):  # warm-up (compilation, allocator) outside the capture
+            static_x.grad = None
+            sce_torch.cross_entropy(static_x, static_t).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with cupy_sce.label_check(False), torch.cuda.graph(graph):
+        static_x.grad = None
+        static_loss = sce_torch.cross_entropy(static_x, static_t)
+        static_loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_x = static_x.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy(ref_x, static_t)
+    ref.backward()
+    torch.testing.assert_close(static_loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(static_x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
