@@ -175,20 +175,23 @@ class _Problem:
     """
 
     def __init__(self, xp, logits, label, soft_label, ignore_index, axis, label_name='label', weight=None,
-                 label_smoothing=0.0, z_loss=0.0, softcap=None, logits_name='logits'):
-        _check_logits(logits, logits_name)
+                 label_smoothing=0.0, z_loss=0.0, softcap=None, logits_name='logits', shape=None, dtype=None):
+        # logits=None with shape and dtype: a problem of labels only (the fused linear cross entropy's,
+        # whose logits exist a chunk at a time); x is then None
+        if logits is not None:
+            _check_logits(logits, logits_name)
+            shape, dtype = logits.shape, logits.dtype
         self.xp = xp
         self.logits = logits
-        self.shape = logits.shape
-        self.dtype = logits.dtype
-        self.acc_dtype = compute_dtype(logits.dtype)
-        self.loss_dtype = logits.dtype  # Paddle's rule; the loss_dtype keyword may change it
+        self.shape = shape = tuple(shape)
+        self.dtype = numpy.dtype(dtype)
+        self.acc_dtype = compute_dtype(self.dtype)
+        self.loss_dtype = self.dtype  # Paddle's rule; the loss_dtype keyword may change it
         self.soft_label = _check_bool('soft_label', soft_label)
         self.ignore_index = _check_int('ignore_index', ignore_index)
         if not _INT64_MIN <= self.ignore_index <= _INT64_MAX:
             raise ValueError('ignore_index {} does not fit in int64'.format(self.ignore_index))
-        self.axis = _normalize_axis(axis, logits.ndim)
-        shape = logits.shape
+        self.axis = _normalize_axis(axis, len(shape))
         self.outer = _prod(shape[:self.axis])
         self.K = shape[self.axis]
         self.inner = _prod(shape[self.axis + 1:])
@@ -197,7 +200,7 @@ class _Problem:
         if self.K == 0 and self.outer * self.inner:
             raise ValueError('logits shape {} has 0 classes along axis {}: a row needs at least one '
                              'class'.format(shape, self.axis))
-        self.x = xp.ascontiguousarray(logits).reshape(self.outer, self.K, self.inner)
+        self.x = None if logits is None else xp.ascontiguousarray(logits).reshape(self.outer, self.K, self.inner)
         self.label_user = label
         self.label = None if label is None else self._canonical_label(label, label_name)
         self.check_labels = _check_labels_enabled()

@@ -109,6 +109,64 @@ def check_gradient(shape, axis=-1, soft_label=False, ignore_index=-100, path='ls
     return GradcheckResult(max_abs, max_rel, passed)
 
 
+def check_linear_gradient(batch=(7,), H=4, V=6, bias=True, reduction='mean', chunk_size=3, xp=numpy, seed=0,
+                          eps=1e-6, atol=1e-6, rtol=1e-5, **family):
+    """The fused linear + cross entropy's ``grad_hidden``, ``grad_weight`` and ``grad_bias``
+    (``cupy_sce.linear``) against central differences of its loss (float64), chunked by
+    ``chunk_size``; ``family``: its loss-family keywords.  Returns a ``GradcheckResult`` over the
+    three gradients."""
+    from cupy_sce import linear
+    rng = numpy.random.default_rng(seed)
+    inputs = [rng.standard_normal(tuple(batch) + (H,)), rng.standard_normal((V, H)) / numpy.sqrt(H) * 2]
+    if bias:
+        inputs.append(rng.standard_normal(V) * 0.1)
+    label = rng.integers(0, V, tuple(batch))
+    label.reshape(-1)[0] = -100  # an ignored row
+    loss_grad = rng.uniform(0.5, 2.0, tuple(batch)) if reduction == 'none' else numpy.asarray(rng.uniform(0.5, 2.0))
+    kw = dict(reduction=reduction, chunk_size=chunk_size, **family)
+    dev = [xp.asarray(a) for a in inputs]
+    b = dev[2] if bias else None
+    grads = linear.linear_cross_entropy_forward_backward(dev[0], dev[1], xp.asarray(label), b, xp.asarray(loss_grad),
+                                                         **kw)[1:1 + len(inputs)]
+
+    def objective():
+        loss = linear.linear_cross_entropy(*[xp.asarray(a) for a in inputs[:2]], xp.asarray(label),
+                                           xp.asarray(inputs[2]) if bias else None, **kw)
+        return float((_to_host(loss) * loss_grad).sum())
+
+    errors, numerics = [], []
+    for array, grad in zip(inputs, grads):
+        numeric = numpy.empty_like(array)
+        flat, flat_numeric = array.reshape(-1), numeric.reshape(-1)
+        for i in range(flat.size):
+            saved = flat[i]
+            flat[i] = saved + eps
+            f_plus = objective()
+            flat[i] = saved - eps
+            f_minus = objective()
+            flat[i] = saved
+            flat_numeric[i] = (f_plus - f_minus) / (2 * eps)
+        errors.append(numpy.abs(numpy.asarray(_to_host(grad)) - numeric).ravel())
+        numerics.append(numpy.abs(numeric).ravel())
+    err, numeric = numpy.concatenate(errors), numpy.concatenate(numerics)
+    max_rel = float((err / numpy.maximum(numeric, 1e-12)).max()) if err.size else 0.0
+    return GradcheckResult(float(err.max()) if err.size else 0.0, max_rel,
+                           bool(numpy.all(err <= atol + rtol * numeric)))
+
+
+def linear_cases():
+    """The fused linear + cross entropy cases of ``scripts/gradcheck.py``: (name, kwargs for
+    check_linear_gradient)."""
+    cases = []
+    for reduction in ('none', 'mean', 'sum'):
+        for bias in (False, True):
+            cases.append(('linear {} bias={} chunk=3'.format(reduction, bias),
+                          dict(reduction=reduction, bias=bias, chunk_size=3)))
+    cases.append(('linear (2, 3) all features chunk=4', dict(batch=(2, 3), chunk_size=4, label_smoothing=0.1,
+                                                             z_loss=0.05, softcap=2.0)))
+    return cases
+
+
 def _to_host(a):
     return a.get() if hasattr(a, 'get') else a
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark cupy_sce against its peers, measured in the same run.
 
-    python scripts/bench.py [--quick] [--overhead] [--device cpu|gpu|all] [--threads N] [--repeat N] [--out DIR]
+    python scripts/bench.py [--quick] [--overhead] [--linear] [--device cpu|gpu|all] [--threads N] [--repeat N] [--out DIR]
 
 CPU peers (whichever are installed): a naive NumPy composition, PyTorch CPU
 ``F.cross_entropy(reduction='none')`` (+ ``.backward()``), and one
@@ -14,6 +14,10 @@ events on a GPU), the effective GB/s under the byte model below, the ratio
 peer_time / cupy_sce_time for each peer (> 1: cupy_sce is faster), and on a
 GPU the fraction of the peak memory bandwidth.  It writes bench.csv and, with
 matplotlib installed, bench.png under --out.
+
+--linear (a small shape in --quick): the fused linear + cross entropy (cupy_sce.linear) at
+N=8192, H=2048, V=32000 float32 against the unfused composition and PyTorch CPU, time and extra
+peak memory.
 
 --overhead (also run by --quick): per-call time of small problems, (8, 10), (64, 1000) and
 (256, 32000), for forward, softmax_with_cross_entropy and forward_backward against the naive
@@ -702,6 +706,61 @@ def bridge_row(rows, name, x, label, n_calls):
         name, 'torch bridge fwd+bwd', us, us - plain_us, torch_us, torch_us / us), flush=True)
 
 
+# ---------------------------------------------------------------- fused linear + cross entropy
+
+LINEAR_CASE = (8192, 2048, 32000)
+LINEAR_QUICK = (512, 256, 4000)
+
+
+def run_linear(args, rows):
+    """Fused linear + cross entropy (forward+backward, mean) against the unfused composition
+    (``hidden @ weight.T``, forward_backward, the two gradient matmuls) and PyTorch CPU
+    (``F.linear`` + ``F.cross_entropy`` + backward): time and extra peak memory (tracemalloc, NumPy
+    allocations; PyTorch's own allocator is not traced, so its memory is the logits' size by
+    construction and left out)."""
+    from cupy_sce import linear
+    N, H, V = LINEAR_QUICK if args.quick else LINEAR_CASE
+    rng = numpy.random.default_rng(0)
+    hidden = rng.standard_normal((N, H), dtype=numpy.float32) * 0.5
+    weight = rng.standard_normal((V, H), dtype=numpy.float32) / float(numpy.sqrt(H))
+    label = rng.integers(0, V, N)
+    repeat = max(1, min(args.repeat, 3))
+
+    def fused():
+        return linear.linear_cross_entropy_forward_backward(hidden, weight, label)
+
+    def unfused_step():
+        logits = hidden @ weight.T
+        loss, dlogits = cupy_sce.forward_backward(logits, label, reduction='mean', inplace=True)
+        return loss, dlogits @ weight, dlogits.T @ hidden
+
+    name = '{}x{}x{}'.format(N, H, V)
+    logits_mib = N * V * 4 / 2 ** 20
+    t_fused = time_cpu(fused, repeat)[0]
+    t_unfused = time_cpu(unfused_step, repeat)[0]
+    peak_fused = extra_peak_bytes(fused)[1] / 2 ** 20
+    peak_unfused = extra_peak_bytes(unfused_step)[1] / 2 ** 20
+    peers = {'unfused': t_unfused}
+    found = torch_tensors('cpu', hidden, weight, label)
+    if found is not None:
+        torch, F, (ht, wt, lt) = found
+
+        def torch_step():
+            w = wt.detach().requires_grad_(True)
+            h = ht.detach().requires_grad_(True)
+            F.cross_entropy(F.linear(h, w), lt).backward()
+        peers['torch cpu'] = time_cpu(torch_step, repeat)[0]
+    row = dict(device='cpu', case=name, op='linear+cross entropy fwd+bwd', impl='cupy_sce', median_ms=t_fused * 1e3,
+               min_ms=t_fused * 1e3, gbs=0.0, extra_peak_mib=peak_fused, first_call_extra_mib=peak_fused,
+               logits_mib=logits_mib)
+    row['peer_ms'] = {p: t * 1e3 for p, t in peers.items()}
+    row['ratios'] = {p: t / t_fused for p, t in peers.items()}
+    rows.append(row)
+    print('{:<24} {:<29} {:9.1f} ms  extra peak {:.1f} MiB (unfused {:.1f} MiB; logits {:.0f} MiB) | {}'.format(
+        name, 'linear+CE fwd+bwd', t_fused * 1e3, peak_fused, peak_unfused, logits_mib,
+        ', '.join('{} {:.1f} ms -> x{:.2f}'.format(p, t * 1e3, t / t_fused) for p, t in peers.items())), flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='small shapes, few repeats (< 1 minute)')
@@ -711,6 +770,9 @@ def main(argv=None):
     parser.add_argument('--out', default='bench_out')
     parser.add_argument('--overhead', action='store_true',
                         help='only the per-call overhead of small problems (also part of --quick)')
+    parser.add_argument('--linear', action='store_true',
+                        help='only the fused linear + cross entropy at N=8192, H=2048, V=32000 (a small shape '
+                             'in --quick)')
     args = parser.parse_args(argv)
     if args.repeat is None:
         args.repeat = 3 if args.quick else 7
@@ -718,9 +780,12 @@ def main(argv=None):
         cupy_sce.set_num_threads(args.threads)
     rows, failures = [], []
     report_skipped_peers(args.device)
-    if args.overhead or (args.quick and args.device in ('cpu', 'all')):
+    only = args.overhead or args.linear
+    if args.overhead or (args.quick and not only and args.device in ('cpu', 'all')):
         run_overhead(args, rows)
-    if args.device in ('cpu', 'all') and not args.overhead:
+    if args.linear or (args.quick and not only and args.device in ('cpu', 'all')):
+        run_linear(args, rows)
+    if args.device in ('cpu', 'all') and not only:
         run_cpu(args, rows)
     if args.device in ('gpu', 'all'):
         try:

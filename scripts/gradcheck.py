@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Check cupy_sce's analytic gradients against central finite differences (float64).
 
-Runs every case of ``cupy_sce.gradcheck.default_cases()`` on numpy, and on
-cupy when a GPU is present.  Prints a table and exits 1 on any failure.
+Runs every case of ``cupy_sce.gradcheck.default_cases()`` and, for the fused linear + cross
+entropy (grad_hidden, grad_weight, grad_bias), ``linear_cases()`` on numpy, and on cupy when a
+GPU is present.  Prints a table and exits 1 on any failure.
 
     python scripts/gradcheck.py [--backend numpy|cupy|all]
 """
@@ -12,7 +13,7 @@ import time
 
 import numpy
 
-from cupy_sce.gradcheck import check_gradient, default_cases
+from cupy_sce.gradcheck import check_gradient, check_linear_gradient, default_cases, linear_cases
 
 
 def available_backends():
@@ -40,8 +41,10 @@ def main(argv=None):
     print('{:<48} {:<7} {:>12} {:>12}  {}'.format(
         'case', 'backend', 'max abs err', 'max rel err', 'result'))
     for name, xp in backends:
-        for case, kwargs in default_cases():
-            result = check_gradient(xp=xp, **kwargs)
+        checks = [(case, check_gradient, kwargs) for case, kwargs in default_cases()]
+        checks += [(case, check_linear_gradient, kwargs) for case, kwargs in linear_cases()]
+        for case, check, kwargs in checks:
+            result = check(xp=xp, **kwargs)
             failures += not result.passed
             rows += 1
             print('{:<48} {:<7} {:>12.3e} {:>12.3e}  {}'.format(

@@ -85,8 +85,9 @@ def test_bench_quick_smoke(tmp_path):
     csv_text = (tmp_path / 'bench.csv').read_text().splitlines()
     # with PyTorch and Paddle installed, a bridge row per shape each
     bridge_rows = 3 * (('torch bridge fwd+bwd' in result.stdout) + ('paddle bridge fwd+bwd' in result.stdout))
-    assert csv_text[0].startswith('device,case,op,median_ms') and len(csv_text) == 1 + 20 + 7 + 12 + bridge_rows
+    assert csv_text[0].startswith('device,case,op,median_ms') and len(csv_text) == 1 + 20 + 7 + 12 + bridge_rows + 1
     assert sum(',call ' in line for line in csv_text) == 12 + bridge_rows
+    assert 'linear+CE fwd+bwd' in result.stdout and sum(',linear+cross entropy' in line for line in csv_text) == 1
 
 
 def test_bench_gpu_path_runs_with_a_stand_in_device(tmp_path, monkeypatch):
