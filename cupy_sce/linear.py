@@ -21,10 +21,15 @@ import numpy
 from cupy_sce import _api
 
 # chunk_size=None: the largest number of rows whose logits take at most this many bytes (and at
-# least CHUNK_MIN_ROWS rows): 1/8 of the N x V logits at N = 8192, V = 32000 float32 is 128 MiB, and
-# chunks of 32-64 MiB keep the matmuls as fast as whole ones (docs/performance.md).
-CHUNK_BYTES = 64 * 2 ** 20
+# least CHUNK_MIN_ROWS rows).  At N = 8192, H = 2048, V = 32000 float32 (786-row chunks) the step
+# took 1.01x the unfused composition's time with 104 MiB of extra memory (1/9.6 of the logits);
+# 64 MiB chunks (and 2048-row vocabulary blocks) took 1.15x: each chunk adds a pass over
+# grad_weight (docs/performance.md).
+CHUNK_BYTES = 96 * 2 ** 20
 CHUNK_MIN_ROWS = 64
+# grad_weight accumulates a chunk's dlogits.T @ hidden this many vocabulary rows at a time (a
+# reused (VOCAB_BLOCK, H) buffer: 8 MiB at H = 2048 float32).
+VOCAB_BLOCK = 1024
 
 
 def default_chunk_size(n_rows, vocab, itemsize):
@@ -159,6 +164,7 @@ def linear_cross_entropy_forward_backward(hidden, weight, label, bias=None, loss
     grad_weight = xp.zeros(lin.weight.shape, acc)
     grad_bias = None if lin.bias is None else xp.zeros(lin.weight.shape[:1], acc)
     weight_for_grad = lin.weight.astype(lin.matmul_dtype, copy=False)
+    direct = lin.matmul_dtype == lin.hidden.dtype == acc  # the matmuls can write their results in place
     with _api.label_check(False):
         for start, stop in lin.chunks():
             logits = lin.logits_into(buffer, start, stop, weight_t)
@@ -168,14 +174,35 @@ def linear_cross_entropy_forward_backward(hidden, weight, label, bias=None, loss
             rows[start:stop] = loss
             d = dlogits.astype(lin.matmul_dtype, copy=False)
             h = lin.hidden[start:stop].astype(lin.matmul_dtype, copy=False)
-            grad_hidden[start:stop] = xp.matmul(d, weight_for_grad)
-            grad_weight += xp.matmul(d.T, h).astype(acc, copy=False)
+            if direct:
+                xp.matmul(d, weight_for_grad, out=grad_hidden[start:stop])
+            else:
+                grad_hidden[start:stop] = xp.matmul(d, weight_for_grad)
+            if direct and start == 0:
+                xp.matmul(d.T, h, out=grad_weight)  # the first chunk's product is the sum so far
+            else:
+                _accumulate_product(grad_weight, d, h, lin.matmul_dtype)
             if grad_bias is not None:
                 grad_bias += d.sum(axis=0, dtype=acc)
     dtype = lin.hidden.dtype
     grad_hidden = grad_hidden.reshape(lin.label_shape + (H,))
     return (_finish_loss(lin, rows), grad_hidden, grad_weight.astype(dtype, copy=False),
             None if grad_bias is None else grad_bias.astype(dtype, copy=False))
+
+
+def _accumulate_product(total, d, h, dtype):
+    """``total += d.T @ h`` a block of VOCAB_BLOCK rows of ``total`` at a time, each product into
+    one reused buffer: the whole (V, H) product would be a second grad_weight-sized temporary (250
+    MiB at V = 32000, H = 2048) and its page faults on every chunk.  (BLAS can accumulate into C,
+    but NumPy's and CuPy's matmul overwrite ``out``.)"""
+    xp = numpy if isinstance(total, numpy.ndarray) else _api.get_array_module(total)
+    V = total.shape[0]
+    block = xp.empty((min(VOCAB_BLOCK, V), total.shape[1]), dtype)
+    for v0 in range(0, V, VOCAB_BLOCK):
+        v1 = min(V, v0 + VOCAB_BLOCK)
+        product = block[:v1 - v0]
+        xp.matmul(d[:, v0:v1].T, h, out=product)
+        total[v0:v1] += product
 
 
 def _finish_loss(lin, rows):
