@@ -19,6 +19,7 @@ import paddle
 from paddle.autograd import PyLayer
 
 import cupy_sce
+from cupy_sce import _bridge
 
 
 def _to_array(tensor):
@@ -44,27 +45,11 @@ def _to_tensor(array):
     return paddle.from_dlpack(array)
 
 
-class _Stream:
-    """On GPU tensors, run CuPy on Paddle's current stream of the tensor's device."""
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-        self.contexts = []
-
-    def __enter__(self):
-        if self.tensor.place.is_gpu_place():
-            import cupy
-            device_id = self.tensor.place.gpu_device_id()
-            stream = cupy.cuda.ExternalStream(paddle.device.current_stream().cuda_stream, device_id)
-            for context in (cupy.cuda.Device(device_id), stream):
-                context.__enter__()
-                self.contexts.append(context)
-        return self
-
-    def __exit__(self, *exc):
-        while self.contexts:
-            self.contexts.pop().__exit__(*exc)
-        return False
+def _stream(tensor):
+    """CuPy on Paddle's current stream of a GPU tensor's device (nothing for CPU tensors)."""
+    if not tensor.place.is_gpu_place():
+        return _bridge.cupy_stream(None, None)
+    return _bridge.cupy_stream(tensor.place.gpu_device_id(), paddle.device.current_stream().cuda_stream)
 
 
 class _Loss(PyLayer):
@@ -75,7 +60,7 @@ class _Loss(PyLayer):
     def forward(ctx, logits, label, weight, kw, shape):
         x, lab = _to_array(logits), _to_array(label)
         w = None if weight is None else _to_array(weight)
-        with _Stream(logits):
+        with _stream(logits):
             loss, lse = cupy_sce.forward(x, lab, weight=w, **kw)
         ctx.kw = kw
         ctx.has_weight = weight is not None
@@ -95,7 +80,7 @@ class _Loss(PyLayer):
         x = _to_array(logits)
         g = _to_array(loss_grad.astype('float64' if x.dtype == numpy.float64 else 'float32'))
         g = g.reshape(ctx.loss_shape)
-        with _Stream(logits):
+        with _stream(logits):
             grad = cupy_sce.backward(g, x, None if lse is None else _to_array(lse), _to_array(label),
                                      weight=None if weight is None else _to_array(weight), **ctx.kw)
         grads = [_to_tensor(grad), None]
@@ -115,7 +100,7 @@ def softmax_with_cross_entropy(logits, label, soft_label=False, ignore_index=-10
     _check_tensor('label', label)
     if return_softmax:
         x, lab = _to_array(logits), _to_array(label)
-        with _Stream(logits):
+        with _stream(logits):
             _, softmax = cupy_sce.softmax_with_cross_entropy(x, lab, soft_label, ignore_index, numeric_stable_mode,
                                                              True, axis)
         softmax = _to_tensor(softmax)
@@ -153,7 +138,7 @@ def _apply(logits, label, weight, kw, shape):
     if logits.stop_gradient:  # no graph: the array call alone
         x, lab = _to_array(logits), _to_array(label)
         w = None if weight is None else _to_array(weight)
-        with _Stream(logits):
+        with _stream(logits):
             loss, _ = cupy_sce.forward(x, lab, weight=w, **kw)
         return _to_tensor(loss.reshape(shape))
     return _Loss.apply(logits, label, weight, kw, shape)

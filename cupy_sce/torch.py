@@ -25,6 +25,7 @@ import numpy
 import torch
 
 import cupy_sce
+from cupy_sce import _bridge
 
 _REDUCTIONS = ('none', 'mean', 'sum')
 
@@ -52,28 +53,11 @@ def _to_tensor(array, device):
     return torch.from_dlpack(array).to(device)
 
 
-class _Stream:
-    """On CUDA tensors, run CuPy on PyTorch's current stream of the tensor's device."""
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-        self.contexts = []
-
-    def __enter__(self):
-        if self.tensor.device.type == 'cuda':
-            import cupy
-            device = cupy.cuda.Device(self.tensor.device.index)
-            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(self.tensor.device).cuda_stream,
-                                              self.tensor.device.index)
-            for context in (device, stream):
-                context.__enter__()
-                self.contexts.append(context)
-        return self
-
-    def __exit__(self, *exc):
-        while self.contexts:
-            self.contexts.pop().__exit__(*exc)
-        return False
+def _stream(tensor):
+    """CuPy on PyTorch's current stream of a CUDA tensor's device (nothing for CPU tensors)."""
+    if tensor.device.type != 'cuda':
+        return _bridge.cupy_stream(None, None)
+    return _bridge.cupy_stream(tensor.device.index, torch.cuda.current_stream(tensor.device).cuda_stream)
 
 
 def _check(input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward):
@@ -118,7 +102,7 @@ class _CrossEntropy(torch.autograd.Function):
         w = None if weight is None else _to_array(weight)
         kw = dict(soft_label=soft, ignore_index=ignore_index, axis=axis, weight=w,
                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction)
-        with _Stream(input):
+        with _stream(input):
             loss, lse = cupy_sce.forward(x, label, **kw)
         ctx.kw = kw
         ctx.inplace_backward = inplace_backward
@@ -141,7 +125,7 @@ class _CrossEntropy(torch.autograd.Function):
         else:
             g = grad_output.reshape(())
         g = _to_array(g.to(lse.dtype).contiguous())
-        with _Stream(input):
+        with _stream(input):
             if ctx.inplace_backward:
                 grad = cupy_sce.backward(g, x, _to_array(lse), label, out=x, **kw)
             else:

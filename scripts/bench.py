@@ -559,31 +559,26 @@ def write_outputs(rows, out_dir):
 OVERHEAD_SHAPES = ((8, 10), (64, 1000), (256, 32000))
 
 
-class NoLaunchRuntime:
-    """A CuPy backend runtime whose kernel launches do nothing, on NumPy arrays: what remains of a
-    call is the host's work in front of every GPU launch (checks, views, launch plan, arguments)."""
-    xp = numpy
+def no_launch_runtime():
+    """A CuPy backend runtime whose kernel launches do nothing, on NumPy arrays (the harness's
+    runtime without its kernels): what remains of a call is the host's work in front of every
+    GPU launch (checks, views, launch plan, arguments)."""
+    from cupy_sce.testing.harness import HarnessRuntime
 
-    class _Kernel:
+    class Kernel:
         max_dynamic_shared_size_bytes = 1 << 30
 
         def __call__(self, grid, block, args, shared_mem=0):
             pass
 
-    def kernel(self, dtype, name):
-        return self._Kernel()
+    class NoLaunchRuntime(HarnessRuntime):
+        def kernel(self, dtype, name):
+            return Kernel()
 
-    @staticmethod
-    def address(array):
-        return array.ctypes.data
-
-    @staticmethod
-    def read_scalar(array):
-        return int(array[0])
-
-    @staticmethod
-    def limits():
-        return (False, 0)
+        @staticmethod
+        def limits():
+            return (False, 0)
+    return NoLaunchRuntime()
 
 
 def per_call_us(fn, calls, rounds=5):
@@ -619,11 +614,11 @@ def overhead_calls(x, label):
 def run_overhead(args, rows):
     """Per-call time of small problems (NumPy backend) against the naive NumPy composition and
     PyTorch CPU, interleaved in the same process; and the CuPy backend's host time per call
-    with launches that do nothing (NoLaunchRuntime)."""
+    with launches that do nothing (no_launch_runtime)."""
     from cupy_sce import _cupy_backend, testing
     calls = 200 if args.quick else 2000
     print('# per-call overhead: best of 5 rounds of {} calls, microseconds'.format(calls))
-    host_backend = _cupy_backend.CupyBackend(NoLaunchRuntime())
+    host_backend = _cupy_backend.CupyBackend(no_launch_runtime())
     for shape in OVERHEAD_SHAPES:
         x, label = make_inputs(numpy, shape, -1, numpy.float32)
         n_calls = max(5, calls * 640 // (x.size + 640)) if x.size > 64000 else calls
