@@ -274,3 +274,17 @@ def run_cluster_cases(backend, rng, monkeypatch, launched):
                         cupy_sce.forward_backward(logits, backend.asarray(label), ignore_index=1,
                                                   inplace=True)
                     numpy.testing.assert_array_equal(backend.to_numpy(logits), expected)
+
+
+def traced_peak(fn):
+    """``(result, extra)``: ``fn()``'s result and the peak bytes NumPy allocated during it beyond what
+    was allocated before (tracemalloc; what the result holds is included)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()

@@ -1,5 +1,4 @@
 """The Paddle bridge (cupy_sce.paddle) against Paddle's own ops, with real Paddle."""
-import tracemalloc
 import warnings
 
 import numpy
@@ -7,6 +6,7 @@ import pytest
 
 paddle = pytest.importorskip('paddle')
 from cupy_sce import paddle as sce_paddle  # noqa: E402  (after the skip: the bridge imports paddle)
+from helpers import traced_peak  # noqa: E402
 
 PF = paddle.nn.functional
 TOL = {'float32': dict(rtol=2e-5, atol=2e-6), 'float64': dict(rtol=1e-10, atol=1e-12)}
@@ -122,14 +122,7 @@ def test_no_copies_of_the_logits_and_inputs_unchanged():
     x, t = make((2048, 4000), -1, squeeze=True)
     before = x.numpy()
     sce_paddle.cross_entropy(x.detach(), t)  # the NumPy backend's per-thread scratch, kept
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        loss = sce_paddle.cross_entropy(x, t)
-        extra = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    loss, extra = traced_peak(lambda: sce_paddle.cross_entropy(x, t))
     assert extra < 2 ** 20, extra  # lse and the row losses; Paddle's numpy() would copy 32 MB
     loss.backward()
     numpy.testing.assert_array_equal(x.numpy(), before)

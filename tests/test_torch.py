@@ -1,12 +1,11 @@
 """The PyTorch bridge (cupy_sce.torch) against torch.nn.functional.cross_entropy, with real PyTorch."""
-import tracemalloc
-
 import numpy
 import pytest
 
 torch = pytest.importorskip('torch')
 F = torch.nn.functional
 from cupy_sce import torch as sce_torch  # noqa: E402  (after the skip: the bridge imports torch)
+from helpers import traced_peak  # noqa: E402
 
 REDUCTIONS = ('none', 'mean', 'sum')
 
@@ -102,14 +101,7 @@ def test_no_copies_of_the_logits():
     t = torch.randint(0, 4000, (2048,))
     logits = h @ w
     sce_torch.cross_entropy(logits.detach(), t)  # the NumPy backend's per-thread scratch, kept
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        loss = sce_torch.cross_entropy(logits, t)
-        forward_extra = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    loss, forward_extra = traced_peak(lambda: sce_torch.cross_entropy(logits, t))
     assert forward_extra < 2 ** 20, forward_extra  # lse and the row losses: 16 KiB, no N x K array
     ptr = logits.data_ptr()
     grads = []
