@@ -17,7 +17,8 @@ matplotlib installed, bench.png under --out.
 
 --linear (a small shape in --quick): the fused linear + cross entropy (cupy_sce.linear) at
 N=8192, H=2048, V=32000 float32 against the unfused composition and PyTorch CPU, time and extra
-peak memory.
+peak memory; on a GPU (--device gpu) at N=8192, H=4096, V=128256 in float16 and float32 against
+the unfused composition and PyTorch CUDA, time and peak memory.
 
 --overhead (also run by --quick): per-call time of small problems, (8, 10), (64, 1000) and
 (256, 32000), for forward, softmax_with_cross_entropy and forward_backward against the naive
@@ -707,6 +708,78 @@ LINEAR_CASE = (8192, 2048, 32000)
 LINEAR_QUICK = (512, 256, 4000)
 
 
+LINEAR_GPU_CASE = (8192, 4096, 128256)
+LINEAR_GPU_QUICK = (1024, 1024, 32000)
+
+
+def pool_peak_bytes(fn):
+    """Bytes CuPy's memory pool holds after ``fn()`` starting from an empty pool, beyond what ``fn``
+    returned: the pool keeps every freed block, so this is the step's peak."""
+    import cupy
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    result = fn()
+    outputs = result if isinstance(result, tuple) else (result,)
+    return pool.total_bytes() - before - sum(o.nbytes for o in outputs if o is not None)
+
+
+def run_linear_gpu(args, rows):
+    """Fused linear + cross entropy on a GPU, float16 and float32 (issue 14's GPU rows): time (CUDA
+    events) and peak memory (CuPy's pool; PyTorch's max_memory_allocated) against the unfused
+    composition and PyTorch CUDA (F.linear + F.cross_entropy + backward)."""
+    import cupy
+    from cupy_sce import linear
+    N, H, V = LINEAR_GPU_QUICK if args.quick else LINEAR_GPU_CASE
+    repeat = max(1, min(args.repeat, 5))
+    for dtype in (numpy.float16, numpy.float32):
+        rng = cupy.random.RandomState(0)
+        hidden = (rng.standard_normal((N, H), dtype=numpy.float32) * 0.5).astype(dtype)
+        weight = (rng.standard_normal((V, H), dtype=numpy.float32) / float(numpy.sqrt(H))).astype(dtype)
+        label = rng.randint(0, V, size=(N,), dtype=numpy.int64)
+
+        def fused():
+            return linear.linear_cross_entropy_forward_backward(hidden, weight, label)
+
+        def unfused_step():
+            logits = hidden @ weight.T
+            loss, dlogits = cupy_sce.forward_backward(logits, label, reduction='mean', inplace=True)
+            return loss, dlogits @ weight, dlogits.T @ hidden
+        name = '{}x{}x{} {}'.format(N, H, V, numpy.dtype(dtype).name)
+        t_fused = time_gpu(fused, repeat)[0]
+        peers = {'unfused': time_gpu(unfused_step, repeat)[0]}
+        mem = {'cupy_sce': pool_peak_bytes(fused) / 2 ** 20, 'unfused': pool_peak_bytes(unfused_step) / 2 ** 20}
+        free_device_memory()
+        found = torch_tensors('cuda', hidden, weight, label)
+        if found is not None:
+            torch, F, (ht, wt, lt) = found
+
+            def torch_step():
+                w = wt.detach().requires_grad_(True)
+                h = ht.detach().requires_grad_(True)
+                F.cross_entropy(F.linear(h, w), lt).backward()
+                return w.grad, h.grad
+            peers['torch cuda'] = time_torch_cuda(torch_step, repeat)[0]
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            grads = torch_step()
+            mem['torch cuda'] = (torch.cuda.max_memory_allocated() - base
+                                 - sum(g.numel() * g.element_size() for g in grads)) / 2 ** 20
+            del grads
+        row = dict(device='gpu', case=name, op='linear+cross entropy fwd+bwd', impl='cupy_sce',
+                   median_ms=t_fused * 1e3, min_ms=t_fused * 1e3, gbs=0.0, extra_peak_mib=mem['cupy_sce'])
+        row['peer_ms'] = {p: t * 1e3 for p, t in peers.items()}
+        row['ratios'] = {p: t / t_fused for p, t in peers.items()}
+        rows.append(row)
+        print('{:<28} {:<20} {:9.2f} ms  peak memory MiB: {} (logits {:.0f}) | {}'.format(
+            name, 'linear+CE fwd+bwd', t_fused * 1e3, ', '.join('{} {:.0f}'.format(k, v) for k, v in mem.items()),
+            N * V * numpy.dtype(dtype).itemsize / 2 ** 20,
+            ', '.join('{} {:.2f} ms -> x{:.2f}'.format(p, t * 1e3, t / t_fused) for p, t in peers.items())),
+            flush=True)
+        free_device_memory()
+
+
 def run_linear(args, rows):
     """Fused linear + cross entropy (forward+backward, mean) against the unfused composition
     (``hidden @ weight.T``, forward_backward, the two gradient matmuls) and PyTorch CPU
@@ -778,7 +851,7 @@ def main(argv=None):
     only = args.overhead or args.linear
     if args.overhead or (args.quick and not only and args.device in ('cpu', 'all')):
         run_overhead(args, rows)
-    if args.linear or (args.quick and not only and args.device in ('cpu', 'all')):
+    if args.device in ('cpu', 'all') and (args.linear or (args.quick and not only)):
         run_linear(args, rows)
     if args.device in ('cpu', 'all') and not only:
         run_cpu(args, rows)
@@ -789,7 +862,10 @@ def main(argv=None):
         except Exception:
             has_gpu = False
         if has_gpu:
-            failures = run_gpu(args, rows)
+            if not args.linear:
+                failures = run_gpu(args, rows)
+            if args.linear or not only:
+                run_linear_gpu(args, rows)
         else:
             print('# GPU: none available, GPU cases skipped')
     write_outputs(rows, args.out)

@@ -136,7 +136,7 @@ def test_bench_gpu_path_runs_with_a_stand_in_device(tmp_path, monkeypatch):
     fake.cuda = cuda
     fake.random = types.SimpleNamespace(RandomState=RandomState)
     fake.__version__ = 'stand-in'
-    fake.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
+    fake.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None, total_bytes=lambda: 0)
     monkeypatch.setitem(sys.modules, 'cupy', fake)
     monkeypatch.setattr(bench, 'GPU_QUICK', [('64x200', (64, 200), -1), ('8x300x4', (8, 300, 4), 1),
                                              ('4x100001', (4, 100001), -1)])
@@ -150,6 +150,12 @@ def test_bench_gpu_path_runs_with_a_stand_in_device(tmp_path, monkeypatch):
     assert all(0 < r['peak_fraction'] and 0 < r['copy_fraction'] for r in rows)
     assert {'cupy naive'} <= set(rows[0]['ratios'])
     assert abs(bench.peak_bandwidth_gbs() - 3352.3) < 1  # H100 SXM: 2 * 2.619 GHz * 5120 bits / 8
+    # the fused linear + cross entropy's GPU rows (float16 and float32), at a small stand-in shape
+    monkeypatch.setattr(bench, 'LINEAR_GPU_QUICK', (64, 16, 300))
+    linear_rows = []
+    bench.run_linear_gpu(args, linear_rows)
+    assert [r['case'] for r in linear_rows] == ['64x16x300 float16', '64x16x300 float32']
+    assert all('unfused' in r['ratios'] for r in linear_rows)
     bench.write_outputs(rows, str(tmp_path))
     assert (tmp_path / 'bench.csv').exists()
 
