@@ -617,7 +617,7 @@ def run_overhead(args, rows):
     PyTorch CPU, interleaved in the same process; and the CuPy backend's host time per call
     with launches that do nothing (no_launch_runtime)."""
     from cupy_sce import _cupy_backend, testing
-    calls = 200 if args.quick else 2000
+    calls = 30 if args.quick else 2000
     print('# per-call overhead: best of 5 rounds of {} calls, microseconds'.format(calls))
     host_backend = _cupy_backend.CupyBackend(no_launch_runtime())
     for shape in OVERHEAD_SHAPES:
