@@ -9,7 +9,7 @@ counts, batch splits, label kinds and loss-family features, every public functio
   'mean' and 'sum' reductions the same in any layout and on any thread count;
 * in place equal to out of place, bit for bit, and ``forward``'s loss equal to
   ``forward_backward``'s;
-* accuracy against an exact float64 loss within the README's ulp bounds (``ULP_BOUNDS``), also
+* accuracy against an exact (long double) loss within the README's ulp bounds (``ULP_BOUNDS``), also
   where the label dominates (losses from 1e-8 to 1e2);
 * inputs never modified; an ``out`` overlapping an input handled or rejected; with a bad label
   nothing written.
