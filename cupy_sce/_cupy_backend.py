@@ -194,15 +194,6 @@ class CupyBackend:
 
     # ---------------------------------------------------------------- launch helpers
 
-    def _vec(self, p, *arrays):
-        """16-byte vectors when rows are contiguous, K divides, and every T array is aligned."""
-        vec = _kernels.vector_width(p.dtype)
-        if p.inner != 1 or p.K % vec:
-            return 1
-        if any(a is not None and self.runtime.address(a) % 16 for a in arrays):
-            return 1
-        return vec
-
     def _execute(self, p, plan, args):
         """Run a launch plan (nothing to do without rows)."""
         if p.outer * p.inner == 0:
@@ -307,10 +298,10 @@ class CupyBackend:
 
     def row_max(self, p):
         out = self.xp.empty((p.outer, p.inner), p.acc_dtype)
-        vec = self._vec(p, p.x)
+        vec, staged = self._stage_misaligned(p, dict(x=p.x))
         # cupy_sce_row_max has no column layout: a thread per strided row
         group = group_size_for(p.K, p.inner, vec) if p.inner == 1 else 1
-        args = (p.x, out, numpy.int64(p.outer * p.inner), numpy.int64(p.K), numpy.int64(p.inner),
+        args = (staged['x'][0], out, numpy.int64(p.outer * p.inner), numpy.int64(p.K), numpy.int64(p.inner),
                 numpy.int32(group))
         self._execute(p, self._simple_plan(p, _kernels.row_max_name(p.dtype, vec), group), args)
         return out

@@ -163,7 +163,7 @@ def linear_cross_entropy_forward_backward(hidden, weight, label, bias=None, loss
     grad_hidden = xp.empty((N, H), lin.hidden.dtype)
     grad_weight = xp.zeros(lin.weight.shape, acc)
     grad_bias = None if lin.bias is None else xp.zeros(lin.weight.shape[:1], acc)
-    weight_for_grad = lin.weight.astype(lin.matmul_dtype, copy=False)
+    weight_for_grad = weight_t.T  # the weight in the matmul dtype, cast once in _prepare
     direct = lin.matmul_dtype == lin.hidden.dtype == acc  # the matmuls can write their results in place
     with _api.label_check(False):
         for start, stop in lin.chunks():
@@ -181,7 +181,7 @@ def linear_cross_entropy_forward_backward(hidden, weight, label, bias=None, loss
             if direct and start == 0:
                 xp.matmul(d.T, h, out=grad_weight)  # the first chunk's product is the sum so far
             else:
-                _accumulate_product(grad_weight, d, h, lin.matmul_dtype)
+                _accumulate_product(xp, grad_weight, d, h, lin.matmul_dtype)
             if grad_bias is not None:
                 grad_bias += d.sum(axis=0, dtype=acc)
     dtype = lin.hidden.dtype
@@ -190,12 +190,11 @@ def linear_cross_entropy_forward_backward(hidden, weight, label, bias=None, loss
             None if grad_bias is None else grad_bias.astype(dtype, copy=False))
 
 
-def _accumulate_product(total, d, h, dtype):
+def _accumulate_product(xp, total, d, h, dtype):
     """``total += d.T @ h`` a block of VOCAB_BLOCK rows of ``total`` at a time, each product into
     one reused buffer: the whole (V, H) product would be a second grad_weight-sized temporary (250
     MiB at V = 32000, H = 2048) and its page faults on every chunk.  (BLAS can accumulate into C,
     but NumPy's and CuPy's matmul overwrite ``out``.)"""
-    xp = numpy if isinstance(total, numpy.ndarray) else _api.get_array_module(total)
     V = total.shape[0]
     block = xp.empty((min(VOCAB_BLOCK, V), total.shape[1]), dtype)
     for v0 in range(0, V, VOCAB_BLOCK):

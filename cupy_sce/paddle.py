@@ -36,12 +36,12 @@ def _to_array(tensor):
 
 
 def _to_tensor(array):
-    """A Paddle tensor sharing ``array``'s memory (a 0-d result is copied: DLPack wants a shape)."""
+    """A Paddle tensor sharing ``array``'s memory (a 0-d array travels as shape (1,): no read back
+    to the host, which on a GPU would synchronise)."""
     if array is None:
         return None
     if array.ndim == 0:
-        return paddle.to_tensor(array.item() if isinstance(array, numpy.ndarray) else array.get().item(),
-                                dtype=str(array.dtype))
+        return paddle.from_dlpack(array.reshape(1)).reshape([])
     return paddle.from_dlpack(array)
 
 
