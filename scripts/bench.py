@@ -639,13 +639,29 @@ def run_overhead(args, rows):
             print('{:<12} {:<28} {:8.1f} us  cupy host path {:6.1f} us | {}'.format(
                 name, op, us, host_us, ', '.join('{} {:.1f} us -> x{:.2f}'.format(p, peers[p], peers[p] / us)
                                                   for p in peers)), flush=True)
-        bridge_row(rows, name, x, label, n_calls)
-        paddle_bridge_row(rows, name, x, label, n_calls)
+        bridge_rows(rows, name, x, label, n_calls)
 
 
-def paddle_bridge_row(rows, name, x, label, n_calls):
-    """The Paddle bridge's forward+backward per call (cupy_sce.paddle.cross_entropy, mean) against
-    the plain array call and Paddle's own cross_entropy, same process."""
+def torch_bridge_calls(x, label):
+    """(bridge call, PyTorch's own call) of a forward+backward with mean reduction, or None
+    without PyTorch."""
+    try:
+        import torch
+        from cupy_sce import torch as sce_torch
+    except ImportError:
+        return None
+    xt, lt = torch.from_numpy(x), torch.from_numpy(label[:, 0])
+
+    def call(loss_fn):
+        def step():
+            loss_fn(xt.detach().requires_grad_(True), lt).backward()
+        return step
+    return call(sce_torch.cross_entropy), call(torch.nn.functional.cross_entropy)
+
+
+def paddle_bridge_calls(x, label):
+    """(bridge call, Paddle's own call) of a forward+backward with mean reduction, or None
+    without Paddle."""
     try:
         import warnings
         with warnings.catch_warnings():
@@ -653,53 +669,38 @@ def paddle_bridge_row(rows, name, x, label, n_calls):
             import paddle
             from cupy_sce import paddle as sce_paddle
     except ImportError:
-        return
+        return None
     xt, lt = paddle.to_tensor(x), paddle.to_tensor(label)
 
-    def run(loss_fn):
-        def call():
+    def call(loss_fn):
+        def step():
             logits = xt.detach()
             logits.stop_gradient = False
             loss_fn(logits, lt).backward()
-        return call
-    plain_us = per_call_us(lambda: cupy_sce.forward_backward(x, label, reduction='mean'), n_calls)
-    paddle_us = per_call_us(run(paddle.nn.functional.cross_entropy), n_calls)
-    us = per_call_us(run(sce_paddle.cross_entropy), n_calls)
-    rows.append(dict(device='cpu', case=name, op='call paddle bridge fwd+bwd', impl='cupy_sce', median_ms=us / 1e3,
-                     min_ms=us / 1e3, gbs=0.0, host_us=float('nan'),
-                     peer_ms={'array call': plain_us / 1e3, 'paddle cpu': paddle_us / 1e3},
-                     ratios={'array call': plain_us / us, 'paddle cpu': paddle_us / us}))
-    print('{:<12} {:<28} {:8.1f} us  bridge overhead {:+6.1f} us | paddle cpu {:.1f} us -> x{:.2f}'.format(
-        name, 'paddle bridge fwd+bwd', us, us - plain_us, paddle_us, paddle_us / us), flush=True)
+        return step
+    return call(sce_paddle.cross_entropy), call(paddle.nn.functional.cross_entropy)
 
 
-def bridge_row(rows, name, x, label, n_calls):
-    """The PyTorch bridge's forward+backward per call (cupy_sce.torch.cross_entropy and .backward())
-    against the plain array call (forward_backward, mean) and torch's own loss, same process."""
-    try:
-        import torch
-        from cupy_sce import torch as sce_torch
-    except ImportError:
-        return
-    xt, lt = torch.from_numpy(x), torch.from_numpy(label[:, 0])
-
-    def bridge():
-        logits = xt.detach().requires_grad_(True)
-        sce_torch.cross_entropy(logits, lt).backward()
-
-    def theirs():
-        logits = xt.detach().requires_grad_(True)
-        torch.nn.functional.cross_entropy(logits, lt).backward()
-    plain_us = per_call_us(lambda: cupy_sce.forward_backward(x, label, reduction='mean'), n_calls)
-    torch_us = per_call_us(theirs, n_calls)
-    us = per_call_us(bridge, n_calls)
-    row = dict(device='cpu', case=name, op='call torch bridge fwd+bwd', impl='cupy_sce', median_ms=us / 1e3,
-               min_ms=us / 1e3, gbs=0.0, host_us=float('nan'),
-               peer_ms={'array call': plain_us / 1e3, 'torch cpu': torch_us / 1e3},
-               ratios={'array call': plain_us / us, 'torch cpu': torch_us / us})
-    rows.append(row)
-    print('{:<12} {:<28} {:8.1f} us  bridge overhead {:+6.1f} us | torch cpu {:.1f} us -> x{:.2f}'.format(
-        name, 'torch bridge fwd+bwd', us, us - plain_us, torch_us, torch_us / us), flush=True)
+def bridge_rows(rows, name, x, label, n_calls):
+    """Each framework bridge's forward+backward per call against the plain array call
+    (forward_backward, mean) and the framework's own loss, same process."""
+    plain_us = None
+    for framework, make_calls in (('torch', torch_bridge_calls), ('paddle', paddle_bridge_calls)):
+        calls = make_calls(x, label)
+        if calls is None:
+            continue
+        if plain_us is None:
+            plain_us = per_call_us(lambda: cupy_sce.forward_backward(x, label, reduction='mean'), n_calls)
+        peer = '{} cpu'.format(framework)
+        theirs_us = per_call_us(calls[1], n_calls)
+        us = per_call_us(calls[0], n_calls)
+        rows.append(dict(device='cpu', case=name, op='call {} bridge fwd+bwd'.format(framework), impl='cupy_sce',
+                         median_ms=us / 1e3, min_ms=us / 1e3, gbs=0.0, host_us=float('nan'),
+                         peer_ms={'array call': plain_us / 1e3, peer: theirs_us / 1e3},
+                         ratios={'array call': plain_us / us, peer: theirs_us / us}))
+        print('{:<12} {:<28} {:8.1f} us  bridge overhead {:+6.1f} us | {} {:.1f} us -> x{:.2f}'.format(
+            name, '{} bridge fwd+bwd'.format(framework), us, us - plain_us, peer, theirs_us, theirs_us / us),
+            flush=True)
 
 
 # ---------------------------------------------------------------- fused linear + cross entropy
@@ -710,6 +711,33 @@ LINEAR_QUICK = (512, 256, 4000)
 
 LINEAR_GPU_CASE = (8192, 4096, 128256)
 LINEAR_GPU_QUICK = (1024, 1024, 32000)
+
+
+def linear_steps(hidden, weight, label, torch_device):
+    """(fused, unfused, PyTorch or None) forward+backward steps of the linear cross entropy with mean
+    reduction, each returning what it keeps: the fused call; the unfused composition
+    (``hidden @ weight.T``, in-place forward_backward, the two gradient matmuls); and
+    ``F.linear`` + ``F.cross_entropy`` + backward on ``torch_device`` (None without PyTorch)."""
+    from cupy_sce import linear
+
+    def fused():
+        return linear.linear_cross_entropy_forward_backward(hidden, weight, label)
+
+    def unfused():
+        logits = hidden @ weight.T
+        loss, dlogits = cupy_sce.forward_backward(logits, label, reduction='mean', inplace=True)
+        return loss, dlogits @ weight, dlogits.T @ hidden
+    found = torch_tensors(torch_device, hidden, weight, label)
+    if found is None:
+        return fused, unfused, None
+    _, F, (ht, wt, lt) = found
+
+    def torch_step():
+        w = wt.detach().requires_grad_(True)
+        h = ht.detach().requires_grad_(True)
+        F.cross_entropy(F.linear(h, w), lt).backward()
+        return w.grad, h.grad
+    return fused, unfused, torch_step
 
 
 def pool_peak_bytes(fn):
@@ -729,7 +757,6 @@ def run_linear_gpu(args, rows):
     events) and peak memory (CuPy's pool; PyTorch's max_memory_allocated) against the unfused
     composition and PyTorch CUDA (F.linear + F.cross_entropy + backward)."""
     import cupy
-    from cupy_sce import linear
     N, H, V = LINEAR_GPU_QUICK if args.quick else LINEAR_GPU_CASE
     repeat = max(1, min(args.repeat, 5))
     for dtype in (numpy.float16, numpy.float32):
@@ -738,27 +765,14 @@ def run_linear_gpu(args, rows):
         weight = (rng.standard_normal((V, H), dtype=numpy.float32) / float(numpy.sqrt(H))).astype(dtype)
         label = rng.randint(0, V, size=(N,), dtype=numpy.int64)
 
-        def fused():
-            return linear.linear_cross_entropy_forward_backward(hidden, weight, label)
-
-        def unfused_step():
-            logits = hidden @ weight.T
-            loss, dlogits = cupy_sce.forward_backward(logits, label, reduction='mean', inplace=True)
-            return loss, dlogits @ weight, dlogits.T @ hidden
+        fused, unfused_step, torch_step = linear_steps(hidden, weight, label, 'cuda')
         name = '{}x{}x{} {}'.format(N, H, V, numpy.dtype(dtype).name)
         t_fused = time_gpu(fused, repeat)[0]
         peers = {'unfused': time_gpu(unfused_step, repeat)[0]}
         mem = {'cupy_sce': pool_peak_bytes(fused) / 2 ** 20, 'unfused': pool_peak_bytes(unfused_step) / 2 ** 20}
         free_device_memory()
-        found = torch_tensors('cuda', hidden, weight, label)
-        if found is not None:
-            torch, F, (ht, wt, lt) = found
-
-            def torch_step():
-                w = wt.detach().requires_grad_(True)
-                h = ht.detach().requires_grad_(True)
-                F.cross_entropy(F.linear(h, w), lt).backward()
-                return w.grad, h.grad
+        if torch_step is not None:
+            import torch
             peers['torch cuda'] = time_torch_cuda(torch_step, repeat)[0]
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -786,7 +800,6 @@ def run_linear(args, rows):
     (``F.linear`` + ``F.cross_entropy`` + backward): time and extra peak memory (tracemalloc, NumPy
     allocations; PyTorch's own allocator is not traced, so its memory is the logits' size by
     construction and left out)."""
-    from cupy_sce import linear
     N, H, V = LINEAR_QUICK if args.quick else LINEAR_CASE
     rng = numpy.random.default_rng(0)
     hidden = rng.standard_normal((N, H), dtype=numpy.float32) * 0.5
@@ -794,32 +807,18 @@ def run_linear(args, rows):
     label = rng.integers(0, V, N)
     repeat = max(1, min(args.repeat, 3))
 
-    def fused():
-        return linear.linear_cross_entropy_forward_backward(hidden, weight, label)
-
-    def unfused_step():
-        logits = hidden @ weight.T
-        loss, dlogits = cupy_sce.forward_backward(logits, label, reduction='mean', inplace=True)
-        return loss, dlogits @ weight, dlogits.T @ hidden
-
+    fused, unfused_step, torch_step = linear_steps(hidden, weight, label, 'cpu')
     name = '{}x{}x{}'.format(N, H, V)
     logits_mib = N * V * 4 / 2 ** 20
     t_fused = time_cpu(fused, repeat)[0]
     t_unfused = time_cpu(unfused_step, repeat)[0]
-    peak_fused = extra_peak_bytes(fused)[1] / 2 ** 20
+    first_fused, peak_fused = (b / 2 ** 20 for b in extra_peak_bytes(fused))
     peak_unfused = extra_peak_bytes(unfused_step)[1] / 2 ** 20
     peers = {'unfused': t_unfused}
-    found = torch_tensors('cpu', hidden, weight, label)
-    if found is not None:
-        torch, F, (ht, wt, lt) = found
-
-        def torch_step():
-            w = wt.detach().requires_grad_(True)
-            h = ht.detach().requires_grad_(True)
-            F.cross_entropy(F.linear(h, w), lt).backward()
+    if torch_step is not None:
         peers['torch cpu'] = time_cpu(torch_step, repeat)[0]
     row = dict(device='cpu', case=name, op='linear+cross entropy fwd+bwd', impl='cupy_sce', median_ms=t_fused * 1e3,
-               min_ms=t_fused * 1e3, gbs=0.0, extra_peak_mib=peak_fused, first_call_extra_mib=peak_fused,
+               min_ms=t_fused * 1e3, gbs=0.0, extra_peak_mib=peak_fused, first_call_extra_mib=first_fused,
                logits_mib=logits_mib)
     row['peer_ms'] = {p: t * 1e3 for p, t in peers.items()}
     row['ratios'] = {p: t / t_fused for p, t in peers.items()}
