@@ -23,11 +23,8 @@ try:  # CuPy is optional: without it every call runs on the NumPy backend.
 except ImportError:  # pragma: no cover - exercised on machines without CuPy
     cupy = None
 
-from cupy_sce import _kernels, _numpy_backend, _probabilities
+from cupy_sce import _dtypes, _kernels, _numpy_backend, _probabilities
 from cupy_sce._numpy_backend import _quiet  # NaN and inf are valid values: no RuntimeWarnings
-
-_FLOAT_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
-                 numpy.dtype(numpy.float64))
 
 _state = threading.local()
 _INT64_MIN, _INT64_MAX = int(numpy.iinfo(numpy.int64).min), int(numpy.iinfo(numpy.int64).max)
@@ -41,7 +38,7 @@ def get_array_module(*arrays):
 
 
 def compute_dtype(dtype):
-    """The dtype arithmetic happens in: float32 for float16/float32, else float64."""
+    """The dtype arithmetic happens in: float32 for float16, bfloat16 and float32, else float64."""
     return numpy.dtype(numpy.float64 if numpy.dtype(dtype) == numpy.float64 else numpy.float32)
 
 
@@ -121,6 +118,9 @@ def _as_arrays(names_and_values):
             'cannot mix numpy and cupy arrays in one call: {} is a numpy.ndarray but {} is a '
             'cupy.ndarray'.format(kinds['numpy'], kinds['cupy']))
     xp = cupy if 'cupy' in kinds else numpy
+    # bfloat16 beside float16/float64 arrays is an error (a number or a 0-d array is a scalar)
+    _dtypes.check_float_mix([(name, value) for name, value in names_and_values
+                             if isinstance(value, xp.ndarray) and value.ndim])
     out = []
     for name, value in names_and_values:
         if value is not None and not isinstance(value, xp.ndarray):
@@ -159,8 +159,8 @@ def _normalize_axis(axis, ndim):
 
 
 def _check_logits(logits, name='logits'):
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError('{} must be float16, float32 or float64, got {}'.format(name, logits.dtype))
+    if not _dtypes.is_compute_float(logits.dtype):
+        raise TypeError('{} must be {}, got {}'.format(name, _dtypes.FLOAT_NAMES, logits.dtype))
     if logits.ndim == 0:
         raise ValueError('{} must have rank >= 1, got a 0-d array'.format(name))
 
@@ -231,7 +231,7 @@ class _Problem:
                 self.acc_dtype, softcap))
         self.weight = self.weight_sum = None
         if weight is not None:
-            if weight.dtype.kind != 'f':
+            if not _dtypes.is_float(weight.dtype):
                 raise TypeError('weight must be a floating array, got {}'.format(weight.dtype))
             if weight.shape != (self.K,):
                 raise ValueError('weight must be a 1-D array of length K={} (the classes along axis {}), got '
@@ -244,7 +244,7 @@ class _Problem:
     def _canonical_label(self, label, name):
         xp = self.xp
         if self.soft_label:
-            if label.dtype.kind != 'f':
+            if not _dtypes.is_float(label.dtype):
                 raise TypeError('{} must be a floating array when soft_label=True, got {}'.format(
                     name, label.dtype))
             if label.shape != self.shape:
@@ -275,7 +275,7 @@ class _Problem:
 
     def row_array(self, value, name, dtype):
         """``value`` of the loss shape (or that shape without the axis) as (outer, inner)."""
-        if value.dtype.kind != 'f':
+        if not _dtypes.is_float(value.dtype):
             raise TypeError('{} must be a floating array, got {}'.format(name, value.dtype))
         if value.shape not in (self.loss_shape, self.row_shape):
             raise ValueError('{} shape {} must be {} (or {}) for logits of shape {} with axis={}'.format(
@@ -351,11 +351,11 @@ def _check_loss_dtype(p, loss_dtype):
     if loss_dtype is None:
         return
     try:
-        dtype = numpy.dtype(loss_dtype)
+        dtype = _dtypes.as_dtype(loss_dtype)
     except TypeError as exc:
-        raise TypeError('loss_dtype must be None or a float dtype, got {!r}'.format(loss_dtype)) from exc
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError('loss_dtype must be None, float16, float32 or float64, got {!r}'.format(loss_dtype))
+        raise TypeError('loss_dtype must be None or a float dtype, got {!r} ({})'.format(loss_dtype, exc)) from exc
+    if not _dtypes.is_compute_float(dtype):
+        raise TypeError('loss_dtype must be None, {}, got {!r}'.format(_dtypes.FLOAT_NAMES, loss_dtype))
     p.loss_dtype = dtype
 
 
@@ -443,7 +443,7 @@ def _reduced_loss_grad(p, loss_grad, reduction):
         if loss_grad.ndim != 0:
             raise ValueError("loss_grad must be a scalar (a number or a 0-d array) with reduction={!r}, got "
                              "shape {}".format(reduction, loss_grad.shape))
-        if loss_grad.dtype.kind not in 'fiu':
+        if loss_grad.dtype.kind not in 'fiu' and not _dtypes.is_float(loss_grad.dtype):
             raise TypeError('loss_grad must be a real number, got dtype {}'.format(loss_grad.dtype))
         g = loss_grad.astype(acc)
     if reduction == 'mean':

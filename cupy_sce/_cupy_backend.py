@@ -221,7 +221,7 @@ class CupyBackend:
     @staticmethod
     def _label_type(p):
         if p.soft_label:
-            return _kernels.ACC_TYPE[_kernels.CUDA_TYPE[p.dtype]]
+            return _kernels.ACC_TYPE[_kernels.cuda_type(p.dtype)]
         return _kernels.LABEL_TYPE[p.label.dtype]
 
     @staticmethod

@@ -13,15 +13,25 @@ import numpy
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels')
 MAIN_SOURCE = 'sce.cu'
 
-CUDA_TYPE = {numpy.dtype(numpy.float16): '__half', numpy.dtype(numpy.float32): 'float',
-             numpy.dtype(numpy.float64): 'double'}
+# The logits' CUDA type by dtype name (bfloat16 is ml_dtypes', which this module need not import).
+CUDA_TYPE = {'float16': '__half', 'bfloat16': '__nv_bfloat16', 'float32': 'float', 'float64': 'double'}
+ITEMSIZE = {'float16': 2, 'bfloat16': 2, 'float32': 4, 'float64': 8}
 LABEL_TYPE = {numpy.dtype(numpy.int32): 'int', numpy.dtype(numpy.int64): 'long long'}
-ACC_TYPE = {'__half': 'float', 'float': 'float', 'double': 'double'}
+ACC_TYPE = {'__half': 'float', '__nv_bfloat16': 'float', 'float': 'float', 'double': 'double'}
+
+
+def dtype_name(dtype):
+    """'float16', 'bfloat16', 'float32' or 'float64' for a dtype (or one of those names)."""
+    return dtype if isinstance(dtype, str) else numpy.dtype(dtype).name
+
+
+def cuda_type(dtype):
+    return CUDA_TYPE[dtype_name(dtype)]
 
 
 def vector_width(dtype):
     """Elements per 16-byte vector load for logits of ``dtype``."""
-    return 16 // numpy.dtype(dtype).itemsize
+    return 16 // ITEMSIZE[dtype_name(dtype)]
 
 
 # The operations of cupy_sce_rows (sce::Op in kernels/sce.cu), by the name the backends use.
@@ -53,7 +63,7 @@ def _cacheable(op, label_type):
 
 def rows_name(dtype, label_type, op, features, vec, cache_row=False):
     return 'cupy_sce_rows<{}, {}, {}, {}, {}, {}>'.format(
-        CUDA_TYPE[numpy.dtype(dtype)], label_type, OPS[op], int(features), vec, 'true' if cache_row else 'false')
+        cuda_type(dtype), label_type, OPS[op], int(features), vec, 'true' if cache_row else 'false')
 
 
 CLUSTER_SIZES = (2, 4, 8)  # thread block clusters of cupy_sce_rows_cluster (8: the portable maximum)
@@ -61,7 +71,7 @@ CLUSTER_SIZES = (2, 4, 8)  # thread block clusters of cupy_sce_rows_cluster (8: 
 
 def cluster_name(dtype, label_type, op, features, vec, cluster):
     return 'cupy_sce_rows_cluster<{}, {}, {}, {}, {}, {}>'.format(
-        CUDA_TYPE[numpy.dtype(dtype)], label_type, OPS[op], int(features), vec, cluster)
+        cuda_type(dtype), label_type, OPS[op], int(features), vec, cluster)
 
 
 def _template_args(name):
@@ -85,16 +95,16 @@ def module_key(name):
 
 
 def row_max_name(dtype, vec):
-    return 'cupy_sce_row_max<{}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], vec)
+    return 'cupy_sce_row_max<{}, {}>'.format(cuda_type(dtype), vec)
 
 
 def gather_name(dtype, label_type):
-    return 'cupy_sce_gather_label<{}, {}>'.format(CUDA_TYPE[numpy.dtype(dtype)], label_type)
+    return 'cupy_sce_gather_label<{}, {}>'.format(cuda_type(dtype), label_type)
 
 
 def label_types(dtype):
     """Hard label types, then the soft label type (the accumulation type)."""
-    return list(LABEL_TYPE.values()) + [ACC_TYPE[CUDA_TYPE[numpy.dtype(dtype)]]]
+    return list(LABEL_TYPE.values()) + [ACC_TYPE[cuda_type(dtype)]]
 
 
 def name_expressions(dtype):
@@ -178,13 +188,13 @@ if cupy is not None:
                               name_expressions=list(names or name_expressions(dtype)))
 
     @cupy.memoize(for_each_device=True)
-    def _module(dtype_char, key):
-        return raw_module(numpy.dtype(dtype_char), names=modules(numpy.dtype(dtype_char))[key])
+    def _module(dtype, key):
+        return raw_module(dtype, names=modules(dtype)[key])
 
     def get_function(dtype, name):
         """The kernel ``name`` (one of ``name_expressions(dtype)``) on the current device; its module
         (see ``module_key``) is compiled on first use."""
-        return _module(numpy.dtype(dtype).char, module_key(name)).get_function(name)
+        return _module(dtype_name(dtype), module_key(name)).get_function(name)
 
 
 def nvrtc_compile(dtype, arch, extra_options=(), want_log=False, names=None, want_lowered=False):
@@ -205,7 +215,7 @@ def nvrtc_compile(dtype, arch, extra_options=(), want_log=False, names=None, wan
             nvrtc.compileProgram(prog, list(nvrtc_options()) + ['-arch=' + arch] + list(extra_options))
         except nvrtc.NVRTCError as exc:
             raise RuntimeError('NVRTC failed for {} ({}):\n{}'.format(
-                arch, numpy.dtype(dtype), nvrtc.getProgramLog(prog))) from exc
+                arch, dtype_name(dtype), nvrtc.getProgramLog(prog))) from exc
         lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}  # raises if one is missing
         code = nvrtc.getCUBIN(prog) if arch.startswith('sm_') else nvrtc.getPTX(prog)
         result = (code,) + ((nvrtc.getProgramLog(prog),) if want_log else ()) + ((lowered,) if want_lowered else ())

@@ -160,12 +160,15 @@ class _Block:
     ``(outer, inner)`` and ``(outer, K, inner)`` arrays in any layout.
     """
 
-    def __init__(self, p, o0, o1, i0, i1, layout):
+    def __init__(self, p, o0, o1, i0, i1, layout, cap_slope=False):
         self.p, self.o0, self.o1, self.i0, self.i1 = p, o0, o1, i0, i1
         self.layout = layout
         self.n_rows = (o1 - o0) * (i1 - i0)
         self.x = self.full(p.x, 'x')
         if p.softcap is not None:
+            # the gradient's dy/dx, from x while the tile still holds it (an in-place gradient
+            # overwrites the logits, and from y it would not be exact: see _cap_slope)
+            self.cap_slope = _cap_slope_of(self.x, p.softcap) if cap_slope else None
             # y = softcap * tanh(x / softcap) replaces x in every step (into scratch: the
             # logits are never modified, and an in-place gradient may overwrite their tile)
             y = _scratch('cap', self.x.shape, p.acc_dtype) if numpy.may_share_memory(self.x, p.x) else self.x
@@ -260,8 +263,9 @@ def _blocks(p, n_threads):
             for o in range(p.outer) for i0 in range(0, p.inner, inners)]
 
 
-def _for_each_block(p, body):
+def _for_each_block(p, body, cap_slope=False):
     """Run ``body(block)`` over every tile and return the first non-None result (a bad row).
+    ``cap_slope``: the tiles compute the soft cap's slope (``_Block.cap_slope``) for a gradient.
 
     Tiles are split statically into one contiguous chunk per thread: one pool
     task per thread, not per tile.
@@ -273,7 +277,7 @@ def _for_each_block(p, body):
     def run(chunk):
         found = []
         for tile in chunk:
-            result = body(_Block(p, *tile))
+            result = body(_Block(p, *tile, cap_slope=cap_slope))
             if result is not None:
                 found.append(result)
         return min(found) if found else None
@@ -613,26 +617,42 @@ class _Family:
                 mean_term = numpy.where(direct, mean_term, precise)
         return (1 - self.eps) * ce + self.eps * (log_sum_exp + mean_term)
 
-    def hard_gradient(self, b, labels, tile, label_prob, scale, gw):
+    def hard_gradient(self, b, labels, tile, label_pm1, scale, lse, gw):
         """Step 5's label terms on a tile holding ``softmax * scale * gw`` (``scale``: ``prob_scale``): subtract the
-        target ``((1 - eps) [k == label] + eps / K) * gw``, the label's term formed in the compute
-        dtype from the label's own probability (no float16 ``softmax - 1`` cancellation)."""
+        target ``((1 - eps) [k == label] + eps / K) * gw``.  The label's own term ``softmax * scale - t``
+        is formed in the compute dtype from ``label_pm1 = softmax[label] - 1`` (the caller's
+        ``expm1`` of the label's log-probability, exact for a confident prediction, where
+        ``softmax - 1`` would be 0 or a few ulps of 1): ``(softmax - 1) scale + (scale - 1) + (1 - t)``,
+        with ``scale - 1 = 2 z lse`` and ``1 - t = eps - eps / K``."""
         if self.eps:
             tile -= (self.eps / b.p.K) * gw
-        label_target = (1 - self.eps) + self.eps / b.p.K
-        labels.put(tile, (label_prob * scale - label_target) * gw)
+        term = label_pm1 * scale
+        if self.p.z_loss:
+            term += (2 * self.p.z_loss) * lse
+        if self.eps:
+            term += self.eps - self.eps / b.p.K
+        labels.put(tile, term * gw)
+
+
+def _cap_slope_of(x, c):
+    """dy/dx of the soft cap at ``x``: ``1 - tanh(x / c)**2 = 4 e / (1 + e)**2`` with ``e = exp(-2 |x| / c)``,
+    relatively exact at every x.  (From y = c tanh(x / c), ``(1 - y / c)(1 + y / c)`` inherits tanh's
+    absolute rounding: near saturation, where ``1 - y / c`` is 1e-5, that is 1% of the slope.)"""
+    slope = _scratch('slope', x.shape, x.dtype)
+    numpy.abs(x, out=slope)
+    slope *= -2 / c
+    numpy.exp(slope, out=slope)
+    denominator = numpy.add(slope, 1, out=_scratch('slope+', x.shape, x.dtype))
+    denominator *= denominator
+    slope *= 4
+    slope /= denominator
+    return slope
 
 
 def _cap_slope(b, tile):
-    """``tile *= dy/dx`` under a soft cap: ``1 - tanh(x / c)**2 = (1 - y / c)(1 + y / c)``."""
-    c = b.p.softcap
-    if c is None:
-        return
-    # (1 - t)(1 + t), not 1 - t*t: 1 - t is exact for t in [1/2, 1], so the slope keeps its
-    # relative precision near saturation
-    t = numpy.divide(b.x, c, out=_scratch('slope', b.x.shape, b.p.acc_dtype))
-    tile *= numpy.add(t, 1, out=_scratch('slope+', b.x.shape, b.p.acc_dtype))
-    tile *= numpy.subtract(1, t, out=t)
+    """``tile *= dy/dx`` under a soft cap (``b.cap_slope``, from the tile's x)."""
+    if b.p.softcap is not None:
+        tile *= b.cap_slope
 
 
 def _labels_clean(p):
@@ -775,14 +795,15 @@ def backward_out(p, loss_grad, lse, softmax, grad):
         if p.soft_label:
             _soft_terms(b, fam, None, None, tile, scale, gw, tile)
         else:
-            label_prob = labels.picked if softmax is not None else numpy.exp(labels.picked - row_lse)
-            fam.hard_gradient(b, labels, tile, label_prob, scale, gw)
+            # a stored softmax is all there is; from the lse, expm1 of the label's log-probability
+            label_pm1 = labels.picked - 1 if softmax is not None else numpy.expm1(labels.picked - row_lse)
+            fam.hard_gradient(b, labels, tile, label_pm1, scale, row_lse, gw)
         _cap_slope(b, tile)
         if labels is not None:
             labels.mask_rows(tile)
         b.put_full(grad, tile)
         return None if labels is None else labels.bad_row
-    return _for_each_block(p, body)
+    return _for_each_block(p, body, cap_slope=True)
 
 
 def _times(a, b):
@@ -818,11 +839,12 @@ def forward_backward_out(p, loss_grad, loss, grad):
             b.put_rows(loss, labels.mask_rows(fam.finish_loss(ce, row_lse)))
             tile_scale = _times(scale, gw)
             numpy.multiply(exp_tile, (1 if tile_scale is None else tile_scale) / sums.tile_sum, out=tile)
-            fam.hard_gradient(b, labels, tile, numpy.exp((labels.picked - sums.shift) - sums.log_sum_exp), scale,
-                              gw)
+            # the label's log-probability -(lse - x[label]), from log1p of the other classes (_row_sums)
+            fam.hard_gradient(b, labels, tile, numpy.expm1((labels.picked - sums.shift) - sums.log_sum_exp), scale,
+                              row_lse, gw)
         _cap_slope(b, tile)
         if labels is not None:
             labels.mask_rows(tile)
         b.put_full(grad, tile)
         return None if labels is None else labels.bad_row
-    return _for_each_block(p, body)
+    return _for_each_block(p, body, cap_slope=True)

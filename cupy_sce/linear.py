@@ -18,7 +18,7 @@ once at the end.  Results are deterministic for a given chunk size.
 """
 import numpy
 
-from cupy_sce import _api
+from cupy_sce import _api, _dtypes
 
 # chunk_size=None: the largest number of rows whose logits take at most this many bytes (and at
 # least CHUNK_MIN_ROWS rows).  At N = 8192, H = 2048, V = 32000 float32 (786-row chunks) the step
@@ -48,8 +48,8 @@ class _Linear:
             [('hidden', hidden), ('weight', weight), ('label', label), ('bias', bias),
              ('class_weight', class_weight)])
         for name, value in (('hidden', hidden), ('weight', weight)):
-            if value.dtype not in _api._FLOAT_DTYPES:
-                raise TypeError('{} must be float16, float32 or float64, got {}'.format(name, value.dtype))
+            if not _dtypes.is_compute_float(value.dtype):
+                raise TypeError('{} must be {}, got {}'.format(name, _dtypes.FLOAT_NAMES, value.dtype))
         if hidden.ndim < 1:
             raise ValueError('hidden must have rank >= 1 (..., H), got a 0-d array')
         if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -80,8 +80,8 @@ class _Linear:
         self.class_weight = class_weight
         self.options = dict(ignore_index=self.p.ignore_index, weight=self.p.weight,
                             label_smoothing=self.p.label_smoothing, z_loss=self.p.z_loss, softcap=self.p.softcap)
-        # NumPy has no float16 BLAS: its matmuls run in float32 copies
-        self.matmul_dtype = self.p.acc_dtype if (xp is numpy and hidden.dtype == numpy.float16) else hidden.dtype
+        # NumPy has no float16 or bfloat16 BLAS: its matmuls run in float32 copies
+        self.matmul_dtype = self.p.acc_dtype if (xp is numpy and hidden.dtype.itemsize == 2) else hidden.dtype
 
     def check_labels_once(self):
         """The label range, checked before any chunk runs (then the chunks skip it)."""

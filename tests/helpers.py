@@ -14,6 +14,7 @@ Backends (``Backend(name)``; the ``backend`` fixture of conftest.py runs a test 
 """
 import contextlib
 
+import ml_dtypes
 import numpy
 import pytest
 
@@ -21,7 +22,21 @@ import cupy_sce
 from cupy_sce import testing
 from reference import reference, reference_family
 
-DTYPES = (numpy.float16, numpy.float32, numpy.float64)
+BFLOAT16 = ml_dtypes.bfloat16
+DTYPES = (numpy.float16, BFLOAT16, numpy.float32, numpy.float64)
+HALF_DTYPES = (numpy.float16, BFLOAT16)  # 16-bit logits, computed in float32
+finfo = ml_dtypes.finfo  # numpy.finfo does not know bfloat16
+
+
+def soft_label_dtype(dtype):
+    """The soft labels' dtype in tests: float32 for 16-bit logits (the compute dtype), else theirs."""
+    return numpy.float32 if dtype in HALF_DTYPES else dtype
+
+
+def compatible_dtypes(dtype):
+    """The dtypes another floating argument may have beside logits of ``dtype`` (bfloat16 takes
+    bfloat16 or float32 only)."""
+    return (BFLOAT16, numpy.float32) if dtype == BFLOAT16 else tuple(d for d in DTYPES if d != BFLOAT16)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -125,7 +140,7 @@ def make_case(rng, shape, axis, *, dtype=numpy.float32, soft=False, ignore_index
         label /= label.sum(axis=axis, keepdims=True)
         if unnormalized:
             label *= rng.uniform(0.5, 2.0, rows_shape(shape, axis))
-        return x, label.astype(numpy.float32 if dtype == numpy.float16 else dtype)
+        return x, label.astype(soft_label_dtype(dtype))
     lshape = rows_shape(shape, axis)
     label = rng.integers(0, K, size=lshape)
     label[rng.random(lshape) < ignore_fraction] = ignore_index
@@ -136,8 +151,8 @@ def make_case(rng, shape, axis, *, dtype=numpy.float32, soft=False, ignore_index
 
 # ----------------------------------------------------------------------------- the public paths
 
-TOL = {numpy.float16: dict(rtol=2e-3, atol=2e-3), numpy.float32: dict(rtol=2e-5, atol=2e-6),
-       numpy.float64: dict(rtol=1e-12, atol=1e-12)}
+TOL = {numpy.float16: dict(rtol=2e-3, atol=2e-3), BFLOAT16: dict(rtol=1.6e-2, atol=1.6e-2),
+       numpy.float32: dict(rtol=2e-5, atol=2e-6), numpy.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
 def grad_tol(path, dtype):
@@ -209,7 +224,7 @@ def check_features(backend, rng, dtype, shape, axis, label_kind, features, reduc
         options['weight'] = options['weight'].astype(dtype)
     kw = dict(soft_label=soft, axis=axis, ignore_index=1, reduction=reduction, **options)
     ref = reference_family(x, label, **kw)
-    tol = {numpy.float16: 4e-3, numpy.float32: 3e-5, numpy.float64: 1e-10}[dtype]
+    tol = {numpy.float16: 4e-3, BFLOAT16: 3.2e-2, numpy.float32: 3e-5, numpy.float64: 1e-10}[dtype]
 
     def close(actual, expected):
         scale = max(1.0, float(numpy.max(numpy.abs(expected))))

@@ -18,16 +18,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cupy_sce
-from helpers import make_case, make_weight, rows_shape
+from helpers import BFLOAT16, DTYPES, compatible_dtypes, make_case, make_weight, rows_shape
 from reference import reference_family
 
 REDUCTIONS = ('none', 'sum', 'mean')
-DTYPES = (numpy.float16, numpy.float32, numpy.float64)
 # relative tolerance of each output dtype; the absolute one scales with the problem's magnitude
-RTOL = {numpy.float16: 2e-3, numpy.float32: 2e-5, numpy.float64: 1e-10}
-ATOL = {numpy.float16: 2e-3, numpy.float32: 2e-5, numpy.float64: 1e-12}
-# the rounding unit of the compute dtype (float32 for float16 and float32 logits)
-COMPUTE_EPS = {numpy.float16: 2.0 ** -23, numpy.float32: 2.0 ** -23, numpy.float64: 2.0 ** -52}
+RTOL = {numpy.float16: 2e-3, BFLOAT16: 1.6e-2, numpy.float32: 2e-5, numpy.float64: 1e-10}
+ATOL = {numpy.float16: 2e-3, BFLOAT16: 1.6e-2, numpy.float32: 2e-5, numpy.float64: 1e-12}
+# the rounding unit of the compute dtype (float32 for 16-bit and float32 logits)
+COMPUTE_EPS = {numpy.float16: 2.0 ** -23, BFLOAT16: 2.0 ** -23, numpy.float32: 2.0 ** -23,
+               numpy.float64: 2.0 ** -52}
 
 FEATURES = {
     'plain': {},
@@ -43,10 +43,15 @@ FEATURES = {
 
 # ----------------------------------------------------------------------------- cases
 
-def feature_kwargs(rng, features, K):
+def feature_kwargs(rng, features, K, dtype=numpy.float32):
+    """The keywords of ``features`` for logits of ``dtype`` (a weight dtype that may not go with
+    them -- float16 or float64 beside bfloat16 -- becomes float32)."""
     kw = dict(features)
     if kw.pop('weight', False):
-        kw['weight'] = make_weight(rng, K, kw.pop('weight_dtype', numpy.float32))
+        weight_dtype = kw.pop('weight_dtype', numpy.float32)
+        if weight_dtype not in compatible_dtypes(dtype):
+            weight_dtype = numpy.float32
+        kw['weight'] = make_weight(rng, K, weight_dtype)
     kw.pop('weight_dtype', None)
     return kw
 
@@ -243,7 +248,7 @@ def test_hypothesis_all_paths(backend, data):
     x, label = make_case(rng, shape, axis, dtype=dtype, soft=soft, ignore_index=ignore_index,
                          label_dtype=data.draw(st.sampled_from([numpy.int32, numpy.int64])),
                          unnormalized=data.draw(st.booleans()), scale=2.0 if dtype == numpy.float16 else 3.0)
-    kw = feature_kwargs(rng, data.draw(features()), shape[axis])
+    kw = feature_kwargs(rng, data.draw(features()), shape[axis], dtype)
     kinds = ['none', 'array', 'float'] if reduction != 'none' else ['none', 'array']
     kind = data.draw(st.sampled_from(kinds))
     loss_grad = make_loss_grad(rng, shape, axis, dtype, reduction, kind)
@@ -264,7 +269,7 @@ def test_hypothesis_cross_entropy(backend, data):
     x, label = make_case(rng, shape, axis, dtype=dtype, soft=soft, ignore_index=ignore_index,
                          squeeze_label=data.draw(st.booleans()), probabilities=not use_softmax,
                          scale=2.0 if dtype == numpy.float16 else 3.0)
-    kw = feature_kwargs(rng, data.draw(features(use_softmax)), shape[axis])
+    kw = feature_kwargs(rng, data.draw(features(use_softmax)), shape[axis], dtype)
     assert_cross_entropy(backend, x, label, kw, soft=soft, ignore_index=ignore_index, axis=axis,
                          reduction=reduction, use_softmax=use_softmax)
 
@@ -291,8 +296,8 @@ def test_each_feature_alone_and_combined(backend, name, reduction, soft):
 def test_dtypes_with_all_features(backend, dtype, reduction):
     rng = numpy.random.default_rng(list(DTYPES).index(dtype) * 3 + REDUCTIONS.index(reduction))
     x, label = make_case(rng, (6, 31), -1, dtype=dtype, ignore_index=5)
-    for weight_dtype in DTYPES:
-        kw = feature_kwargs(rng, dict(FEATURES['all'], weight_dtype=weight_dtype), 31)
+    for weight_dtype in compatible_dtypes(dtype):
+        kw = feature_kwargs(rng, dict(FEATURES['all'], weight_dtype=weight_dtype), 31, dtype)
         loss_grad = make_loss_grad(rng, x.shape, -1, dtype, reduction)
         assert_family_paths(backend, x, label, kw, ignore_index=5, reduction=reduction, loss_grad=loss_grad)
 

@@ -11,7 +11,7 @@ import pytest
 import cupy_sce
 from cupy_sce import _cupy_backend, _kernels
 from cupy_sce.testing import harness
-from helpers import DTYPES, Backend, assert_all_outputs, check_features, make_case, run_cluster_cases
+from helpers import BFLOAT16, DTYPES, Backend, assert_all_outputs, check_features, make_case, run_cluster_cases
 from reference import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -296,7 +296,8 @@ def test_every_instantiation_runs_and_matches(monkeypatch):
 FEATURE_CASES = [  # (shape, axis): 16-byte vectors, scalar, a warp per row, strided, a block per row
     ((5, 64), -1), ((3, 63), -1), ((2, 2000), -1), ((3, 7, 5), 1), ((2, 4097), -1)]
 # a block per row whose cache fits 48 KiB, with 16-byte vectors (CACHE_ROW and VEC together)
-VEC_CACHE_CASE = {numpy.float16: ((2, 16384), -1), numpy.float32: ((2, 8192), -1), numpy.float64: ((2, 4096), -1)}
+VEC_CACHE_CASE = {numpy.float16: ((2, 16384), -1), BFLOAT16: ((2, 16384), -1), numpy.float32: ((2, 8192), -1),
+                  numpy.float64: ((2, 4096), -1)}
 
 
 @needs_harness

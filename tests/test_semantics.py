@@ -406,7 +406,7 @@ def test_mixing_array_types_is_a_type_error(monkeypatch):
 def test_array_likes_and_non_arrays(numpy_backend):
     loss = cupy_sce.softmax_with_cross_entropy([[0.0, 1.0, 2.0]], [[2]])
     numpy.testing.assert_allclose(loss, reference(numpy.array([[0.0, 1.0, 2.0]]), numpy.array([[2]]))[0])
-    with pytest.raises(TypeError, match='logits must be float16, float32 or float64'):
+    with pytest.raises(TypeError, match='logits must be float16, bfloat16, float32 or float64'):
         cupy_sce.softmax_with_cross_entropy([[0, 1, 2]], [[2]])
     with pytest.raises(TypeError):
         cupy_sce.softmax_with_cross_entropy(object(), [[2]])

@@ -156,11 +156,14 @@ template <bool SOFTCAP, typename A> __device__ __forceinline__ A capped(A x, A s
     return SOFTCAP ? softcap * tanh_acc(x / softcap) : x;
 }
 
-// dy/dx of the cap from y itself: 1 - tanh(x / c)^2 = (1 - y / c) (1 + y / c).
-template <bool SOFTCAP, typename A> __device__ __forceinline__ A cap_slope(A y, A softcap) {
+// dy/dx of the cap from x: 1 - tanh(u)^2 = 4 e / (1 + e)^2 with e = exp(-2 |u|), u = x / c, which is
+// relatively exact at every u.  (From y, (1 - y / c) (1 + y / c) inherits tanh's absolute rounding:
+// near saturation, 1 - y / c = 1e-5, that is 1% of the slope.)  x = +-inf gives 0, NaN gives NaN.
+template <bool SOFTCAP, typename A> __device__ __forceinline__ A cap_slope(A x, A softcap) {
     if (!SOFTCAP) return A(1);
-    const A t = y / softcap;
-    return (A(1) - t) * (A(1) + t);
+    const A u = x / softcap;
+    const A e = exp_shifted(A(-2) * (u < A(0) ? -u : u));
+    return A(4) * e / ((A(1) + e) * (A(1) + e));
 }
 
 // What label smoothing's sum_k y_k is taken against: the row's first (capped) logit when finite,
@@ -310,6 +313,7 @@ template <typename A> struct RowTerms {
     A prob_scale;          // softmax_k is multiplied by sum_k t_k (+ 2 z lse) in the gradient
     A grad_scale;          // loss_grad * w
     A one_minus_eps, eps_over_k;  // the target: (1 - eps) * label + eps / K
+    A label_excess;        // hard labels: (prob_scale - 1) + (1 - t_label) = 2 z lse + eps - eps / K
 };
 
 template <typename T, typename L, int OP, int F>
@@ -365,7 +369,23 @@ __device__ __forceinline__ RowTerms<typename Acc<T>::type> row_terms(
     r.prob_scale = P::zloss ? target_sum + A(2) * z_loss * (r.shift + r.log_sum_exp) : target_sum;
     const A g = (loss_grad != nullptr && at.active) ? loss_grad[at.row] : A(1);
     r.grad_scale = P::weight ? g * r.weight : g;
+    // formed apart, not as prob_scale - 1 (sum_k t_k is 1 for a hard label): see label_grad_term
+    r.label_excess = (P::zloss ? A(2) * z_loss * (r.shift + r.log_sum_exp) : A(0)) +
+                     (P::smooth ? smoothing - r.eps_over_k : A(0));
     return r;
+}
+
+// A hard label's own gradient term softmax * prob_scale - t (y: its capped logit), from
+// softmax - 1 = expm1(y - lse) and
+// not from softmax: in a confident row softmax is 1 - 1e-8, which is 1.0f, and softmax - 1 would
+// be 0 (or a few float ulps of 1, many bf16 / float16 ulps of the result).
+// softmax * s - t = (softmax - 1) s + (s - 1) + (1 - t).  y - lse is -label_ce where pass 1
+// formed that without cancellation (log1p of the other classes); from a given lse it is as exact
+// as that lse.
+template <bool LSE_PASS, typename A>
+__device__ __forceinline__ A label_grad_term(const RowTerms<A>& t, A y) {
+    const A log_prob = LSE_PASS ? -t.label_ce : (y - t.shift) - t.log_sum_exp;
+    return expm1_acc(log_prob) * t.prob_scale + t.label_excess;
 }
 
 // The row's loss from its cross-entropy term: w * (ce + z lse^2); 0 when ignored, NaN for an
@@ -452,8 +472,11 @@ __device__ __forceinline__ typename Acc<T>::type pass2_elements(
                     grad = nan_value(A());
                 } else {
                     // d/dy_k loss = w (softmax_k (sum_j t_j + 2 z lse) - t_k); times dy_k/dx_k
-                    grad = (prob * t.prob_scale - target) * t.grad_scale;
-                    if (P::softcap) grad *= cap_slope<true>(y, softcap);
+                    // (the grad op's stored softmax is all it has: its label term is softmax - 1)
+                    grad = (!P::soft && OP != OP_BACKWARD_SOFTMAX && k == lab ? label_grad_term<P::lse_pass>(t, y)
+                                                                               : prob * t.prob_scale - target) *
+                           t.grad_scale;
+                    if (P::softcap) grad *= cap_slope<true>(to_acc(v[u].v[e]), softcap);
                 }
                 gr.v[e] = from_acc<T>(grad);
             }

@@ -5,6 +5,7 @@
 // (cupy_sce/testing/cuda_host_shim.h) so that the test suite executes this code on the CPU.
 #pragma once
 #include <cuda_fp16.h>
+#include <cuda_bf16.h>
 
 // Dynamic shared memory, typed by the caller: one untyped declaration serves every
 // instantiation (a typed `extern __shared__` array per template would conflict).  Under the host
@@ -35,16 +36,20 @@ namespace sce {
 
 // ---------------------------------------------------------------- types
 
-// Accumulation type: float for __half and float, double for double.
+// Accumulation type: float for __half, __nv_bfloat16 and float, double for double.  Each 16-bit
+// logit converts to float exactly; a result is formed in float and rounded once (from_acc, to
+// nearest even), so e.g. the true class's softmax - 1 never cancels in 16 bits.
 template <typename T> struct Acc { typedef float type; };
 template <> struct Acc<double> { typedef double type; };
 
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 
 template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v);
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
 
@@ -81,6 +86,8 @@ __device__ __forceinline__ float tanh_acc(float v) { return tanhf(v); }
 __device__ __forceinline__ double tanh_acc(double v) { return tanh(v); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
 __device__ __forceinline__ double log_acc(double v) { return log(v); }
+__device__ __forceinline__ float expm1_acc(float v) { return expm1f(v); }
+__device__ __forceinline__ double expm1_acc(double v) { return expm1(v); }
 __device__ __forceinline__ float log1p_acc(float v) { return log1pf(v); }
 __device__ __forceinline__ double log1p_acc(double v) { return log1p(v); }
 // exp(EXP_HEADROOM + 1) stays finite and normal (float overflows at 88.7, double at 709.8);

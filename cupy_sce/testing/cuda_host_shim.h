@@ -24,7 +24,8 @@
 //   * thread block clusters (a launch with cluster > 1): the cluster's blocks run together, their
 //     warps interleaved in random order; barrier_cluster() is a barrier over all of their
 //     threads and map_shared_rank() gives a pointer into another block's dynamic shared memory;
-//   * atomics are real atomics; __half comes from CUDA's own cuda_fp16.h host code.
+//   * atomics are real atomics; __half and __nv_bfloat16 come from CUDA's own cuda_fp16.h and
+//     cuda_bf16.h host code.
 //
 // It cannot show speed, the weaker orderings of the GPU memory model (a fiber's writes are
 // visible to the next fiber at once), bank conflicts or warp-synchronous code without _sync.
@@ -34,6 +35,7 @@
 #define SCE_HOST_SHIM 1
 
 #include <cuda_fp16.h>
+#include <cuda_bf16.h>
 
 #include <cmath>
 #include <cstdint>

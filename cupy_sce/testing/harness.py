@@ -32,10 +32,12 @@ import tempfile
 
 import numpy
 
-from cupy_sce import _cupy_backend, _kernels
+from cupy_sce import _cupy_backend, _dtypes, _kernels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DTYPES = (numpy.float16, numpy.float32, numpy.float64)
+# bfloat16's instantiations too when ml_dtypes (its NumPy dtype) is installed
+DTYPES = (numpy.float16, numpy.float32, numpy.float64) + (
+    (_dtypes.bfloat16(),) if _dtypes.bfloat16_available() else ())
 COMMON_FLAGS = ['-std=c++20', '-fPIC', '-shared', '-fno-extern-tls-init', '-Wall', '-Wno-unused-variable',
                 '-Wno-unused-but-set-variable', '-Wno-unknown-pragmas']
 FLAGS = {False: ['-O2'], True: ['-O1', '-g', '-fsanitize=address', '-fno-omit-frame-pointer']}
@@ -292,7 +294,7 @@ class HarnessRuntime:
 
     def kernel(self, dtype, name):
         if name not in _kernels.name_expressions(dtype):
-            raise HarnessError('{} is not in _kernels.name_expressions({})'.format(name, numpy.dtype(dtype)))
+            raise HarnessError('{} is not in _kernels.name_expressions({})'.format(name, _kernels.dtype_name(dtype)))
         if self.dtypes is not None and numpy.dtype(dtype) not in self.dtypes:
             raise HarnessError('this runtime was built for {} only, not {}'.format(
                 self.dtypes, numpy.dtype(dtype)))
