@@ -571,7 +571,8 @@ def test_a_bad_label_writes_nothing_through_any_out(backend):
 
 
 @pytest.mark.parametrize('dtype,K', [(numpy.float32, 40), (numpy.float32, 4096), (numpy.float32, 8192),
-                                     (numpy.float16, 8192), (numpy.float64, 3000), (numpy.float32, 515)])
+                                     (numpy.float16, 8192), (BFLOAT16, 8192), (numpy.float64, 3000),
+                                     (numpy.float32, 515)])
 def test_row_max_keeps_a_nan_from_any_lane(backend, dtype, K):
     """Row r holds one NaN, at class r * step: every thread of a row (every lane of a warp, every
     warp of a block) holds the NaN in some row, and every row's max must be NaN."""

@@ -11,7 +11,7 @@ import pytest
 import cupy_sce
 from cupy_sce import _cupy_backend, _kernels
 from cupy_sce.testing import harness
-from helpers import BFLOAT16, DTYPES, Backend, assert_all_outputs, check_features, make_case, run_cluster_cases
+from helpers import BFLOAT16, DTYPES, HALF_DTYPES, Backend, assert_all_outputs, check_features, make_case, run_cluster_cases
 from reference import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -384,15 +384,22 @@ def test_in_place_every_group_size():
 
 
 @needs_harness
-def test_float16_true_class_gradient_is_rounded_once():
-    """softmax - 1 is formed in float32: a float16 softmax of 0.9996 would give -0.00048 or 0."""
+@pytest.mark.parametrize('dtype', HALF_DTYPES)
+def test_16_bit_gradient_is_rounded_once(dtype):
+    """softmax - 1 is formed in float32 and rounded once to nearest: a 16-bit softmax of 0.9996
+    would give -0.00048 or 0, a conversion that truncates gives other bits, and in the confident
+    third row (loss 2.3e-8) softmax - 1 from the float32 softmax (1.0f) would be 0; every element
+    equals the float64 gradient rounded to the dtype (none lies near a rounding tie)."""
     backend = Backend('harness')
-    x = numpy.array([[10.0, 2.0, 1.0, 0.0]], numpy.float16)
-    label = numpy.array([[0]])
+    x = numpy.array([[10.0, 2.0, 1.0, 0.0, 0.5], [3.0, 2.5, -1.0, 0.25, 1.0], [0.0, -18.0, -19.0, -20.0, -21.0]],
+                    dtype)
+    label = numpy.array([[0], [2], [0]])
     grad = backend(cupy_sce.forward_backward, x, label)[1]
-    p = numpy.exp(x.astype(numpy.float64) - numpy.logaddexp.reduce(x.astype(numpy.float64), -1))
-    expected = (p[0, 0] - 1).astype(numpy.float16)
-    assert grad[0, 0] == expected and grad[0, 0] != 0
+    x64 = x.astype(numpy.float64)
+    p = numpy.exp(x64 - numpy.logaddexp.reduce(x64, -1, keepdims=True))
+    numpy.put_along_axis(p, label, numpy.take_along_axis(p, label, -1) - 1, -1)
+    numpy.testing.assert_array_equal(grad, p.astype(dtype))
+    assert grad[0, 0] != 0 and (dtype == numpy.float16 or grad[2, 0] != 0)
 
 
 @needs_harness

@@ -32,6 +32,8 @@ PROBE = ['tests/test_harness.py::test_asan_build_matches_environment',
          'tests/test_contract.py::test_a_confident_prediction_keeps_its_digits[harness-float32]',
          'tests/test_semantics.py']
 
+# the 16-bit rounding mutants' probe: exact bits of a few float16 and bfloat16 gradients
+ROUNDING_PROBE = ['tests/test_kernels.py::test_16_bit_gradient_is_rounded_once']
 # the feature mutants' probe: every feature at once, one harness library to build
 FEATURE_PROBE = ['tests/test_kernels.py::test_all_features_together']
 # The ASan run: the probe and all features at once (the variant with every feature makes every
@@ -98,10 +100,17 @@ MUTANTS = {
     'z-loss factor 2 missing': (
         'sce.cu', 'target_sum + A(2) * z_loss *', 'target_sum + z_loss *', 0, False, FEATURE_PROBE),
     'softcap derivative missing': (
-        'sce.cu', 'if (P::softcap) grad *= cap_slope<true>(y, softcap);', '', 0, False, FEATURE_PROBE),
+        'sce.cu', 'if (P::softcap) grad *= cap_slope<true>(to_acc(v[u].v[e]), softcap);', '', 0, False,
+        FEATURE_PROBE),
     'soft-label weight ignores the label': (
         'sce.cu', 'state.label_weight += lk * weight[j * VEC + e];',
         'state.label_weight += weight[j * VEC + e];', 0, False, FEATURE_PROBE),
+    'bfloat16 rounded toward zero': (
+        'sce_common.cuh', 'return __float2bfloat16_rn(v);', 'return __float2bfloat16_rz(v);', 0, False,
+        ROUNDING_PROBE),
+    "label's softmax - 1 from the softmax": (
+        'sce.cu', 'return expm1_acc(log_prob) * t.prob_scale', 'return (exp_acc(log_prob) - A(1)) * t.prob_scale',
+        0, False, ROUNDING_PROBE),
 }
 
 

@@ -170,6 +170,81 @@ def test_float16_tensors():
     numpy.testing.assert_allclose(x.grad.numpy().astype('float32'), x32.grad.numpy(), rtol=2e-3, atol=2e-4)
 
 
+BF16_TOL = dict(rtol=8e-3, atol=1e-6)  # about one bfloat16 ulp (the results are rounded once to bfloat16)
+
+
+def make_bf16(shape, seed=0):
+    """bfloat16 logits (Paddle on CPU casts to bfloat16, NumPy cannot without ml_dtypes) and labels
+    with the class axis (last) squeezed, some ignored (-100)."""
+    x, t = make(shape, -1, squeeze=True, ignore=-100, seed=seed)
+    x = x.detach().astype('bfloat16')
+    x.stop_gradient = False
+    return x, t
+
+
+@pytest.mark.parametrize('reduction', ['none', 'mean', 'sum'])
+@pytest.mark.parametrize('weight', [None, 'bfloat16', 'float32'])
+def test_bfloat16_tensors(weight, reduction):
+    """bfloat16 logits compute in float32: the loss and gradient are bfloat16, and match Paddle's
+    float32 cross_entropy of the same bfloat16 values (Paddle has no CPU bfloat16 kernel) within
+    about one bfloat16 ulp."""
+    x, t = make_bf16((6, 50))
+    kw = dict(reduction=reduction)
+    if weight is not None:
+        kw['weight'] = paddle.to_tensor(numpy.linspace(0.5, 2, 50).astype('float32')).astype(weight)
+    loss = sce_paddle.cross_entropy(x, t, **kw)
+    seed = paddle.to_tensor(numpy.linspace(0.5, 1.5, max(loss.size, 1)).astype('float32')).reshape(loss.shape)
+    (loss.astype('float32') * seed).sum().backward()
+    x32 = x.detach().astype('float32')
+    x32.stop_gradient = False
+    if weight is not None:
+        kw['weight'] = kw['weight'].astype('float32')
+    ref = PF.cross_entropy(x32, t, **kw)
+    (ref * seed).sum().backward()
+    assert loss.dtype == paddle.bfloat16 and x.grad.dtype == paddle.bfloat16 and loss.shape == ref.shape
+    numpy.testing.assert_allclose(loss.astype('float32').numpy(), ref.numpy(), **BF16_TOL)
+    numpy.testing.assert_allclose(x.grad.astype('float32').numpy(), x32.grad.numpy(), **BF16_TOL)
+
+
+def test_bfloat16_softmax_with_cross_entropy():
+    x, t = make_bf16((5, 9), seed=1)
+    t = t.unsqueeze(-1)
+    loss, softmax = sce_paddle.softmax_with_cross_entropy(x, t, return_softmax=True)
+    loss.sum().backward()
+    x32 = x.detach().astype('float32')
+    x32.stop_gradient = False
+    ref, ref_softmax = PF.softmax_with_cross_entropy(x32, t, return_softmax=True)
+    ref.sum().backward()
+    assert loss.dtype == softmax.dtype == x.grad.dtype == paddle.bfloat16
+    numpy.testing.assert_allclose(loss.astype('float32').numpy(), ref.numpy(), **BF16_TOL)
+    numpy.testing.assert_allclose(softmax.astype('float32').numpy(), ref_softmax.numpy(), **BF16_TOL)
+    numpy.testing.assert_allclose(x.grad.astype('float32').numpy(), x32.grad.numpy(), **BF16_TOL)
+
+
+def test_bfloat16_cpu_tensors_share_memory():
+    """A CPU bfloat16 tensor is read through DLPack as its int16 view bit-cast to
+    ml_dtypes.bfloat16 (no copy), and a bfloat16 array goes back the same way."""
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    x, _ = make_bf16((4, 7))
+    a = sce_paddle._to_array(x)
+    assert a.dtype == ml_dtypes.bfloat16 and a.ctypes.data == x.data_ptr()
+    a[0, 0] = 2.5  # written through the array, read in the tensor
+    assert float(x[0, 0].astype('float32')) == 2.5
+    back = sce_paddle._to_tensor(a)
+    assert back.dtype == paddle.bfloat16 and back.data_ptr() == x.data_ptr()
+    scalar = sce_paddle._to_tensor(numpy.asarray(1.5, ml_dtypes.bfloat16))
+    assert scalar.dtype == paddle.bfloat16 and scalar.shape == [] and float(scalar.astype('float32')) == 1.5
+
+
+def test_bfloat16_beside_float16_or_float64_is_refused():
+    x, t = make((4, 7), -1, 'float16', squeeze=True)
+    with pytest.raises(TypeError, match='weight is bfloat16 but logits is float16'):
+        sce_paddle.cross_entropy(x, t, weight=paddle.ones([7], dtype='bfloat16'))
+    xb, t = make_bf16((4, 7))
+    with pytest.raises(TypeError, match='logits is bfloat16 but weight is float64'):
+        sce_paddle.cross_entropy(xb, t, weight=paddle.ones([7], dtype='float64'))
+
+
 def test_gpu_tensors_on_paddles_stream():
     """On a GPU: Paddle GPU tensors run on the CuPy backend on Paddle's current stream, with
     Paddle's numbers."""

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cupy_sce
-from helpers import assert_all_outputs, make_case
+from helpers import BFLOAT16, assert_all_outputs, make_case
 from reference import reference
 
 
@@ -401,6 +401,84 @@ def test_mixing_array_types_is_a_type_error(monkeypatch):
         cupy_sce.backward(DeviceArray(), x, numpy.zeros((2, 1), numpy.float32), label)
     with pytest.raises(TypeError, match='cannot mix numpy and cupy'):
         cupy_sce.forward_backward(x, label, loss_grad=DeviceArray())
+
+
+def test_bfloat16_beside_other_floats_is_an_error(backend):
+    """A bfloat16 call takes its other floating arrays in bfloat16 or float32: a float16 or float64
+    one would be rounded to another precision without a word.  Scalars (a number, a 0-d array) are
+    values, not arrays, and pass."""
+    rng = numpy.random.default_rng(31)
+    x = rng.standard_normal((3, 4)).astype(BFLOAT16)
+    lab = numpy.zeros((3, 1), numpy.int64)
+    soft = numpy.full((3, 4), 0.25)
+    cases = [
+        ('logits is bfloat16 but label is float64', lambda: cupy_sce.forward(x, soft, soft_label=True)),
+        ('logits is bfloat16 but label is float16',
+         lambda: cupy_sce.forward(x, soft.astype(numpy.float16), soft_label=True)),
+        ('input is bfloat16 but weight is float64', lambda: cupy_sce.cross_entropy(x, lab, numpy.ones(4))),
+        ('loss_grad is bfloat16 but logits is float16',
+         lambda: cupy_sce.forward_backward(x.astype(numpy.float16), lab, numpy.ones((3, 1), BFLOAT16))),
+        ('logits is bfloat16 but lse is float64',
+         lambda: cupy_sce.backward(None, x, numpy.zeros((3, 1)), lab)),
+        ('softmax is bfloat16 but label is float16', lambda: cupy_sce.softmax_with_cross_entropy_grad(
+            None, x, soft.astype(numpy.float16), soft_label=True)),
+    ]
+    with backend.active():
+        for message, call in cases:
+            with pytest.raises(TypeError, match=message):
+                call()
+        # bfloat16 with float32 (the compute dtype): accepted, and so are scalars
+        cupy_sce.forward(x, soft.astype(numpy.float32), soft_label=True)
+        cupy_sce.cross_entropy(x, lab, numpy.ones(4, numpy.float32))
+        cupy_sce.forward_backward(x, lab, 2.0, reduction='mean')
+        cupy_sce.forward_backward(x, lab, numpy.float64(2.0), reduction='sum')
+        _, lse = cupy_sce.forward(x, lab)
+        assert lse.dtype == numpy.float32
+        cupy_sce.backward(numpy.ones((3, 1), BFLOAT16), x, lse, lab)
+        assert cupy_sce.cross_entropy(x, lab, loss_dtype='bfloat16').dtype == BFLOAT16
+
+
+def test_without_ml_dtypes_the_other_dtypes_work(tmp_path):
+    """ml_dtypes is imported only when bfloat16 is met: without it, import cupy_sce and the float16/32/64
+    paths work, and bfloat16 (an array made before, the string 'bfloat16') is a TypeError that says
+    to install it."""
+    import subprocess
+    import sys
+    program = '''
+import sys
+import ml_dtypes, numpy
+made_before = numpy.zeros((2, 3), ml_dtypes.bfloat16)
+for name in [m for m in sys.modules if m == 'ml_dtypes' or m.startswith('ml_dtypes.')]:
+    del sys.modules[name]
+
+
+class NoMlDtypes:  # import ml_dtypes now raises ImportError, as where it is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == 'ml_dtypes' or name.startswith('ml_dtypes.'):
+            raise ImportError('No module named ' + repr(name))
+
+
+sys.meta_path.insert(0, NoMlDtypes())
+import cupy_sce
+from cupy_sce.testing import harness
+assert numpy.dtype('bfloat16') is not None  # registered with NumPy before: still known by name
+assert all(numpy.dtype(d).name != 'bfloat16' for d in harness.DTYPES)
+x = numpy.zeros((2, 3), numpy.float16)
+label = numpy.zeros((2, 1), numpy.int64)
+for dtype in (numpy.float16, numpy.float32, numpy.float64):
+    cupy_sce.forward_backward(x.astype(dtype), label)
+for call in (lambda: cupy_sce.forward(made_before, label),
+             lambda: cupy_sce.cross_entropy(x, label, loss_dtype='bfloat16')):
+    try:
+        call()
+    except TypeError as exc:
+        assert 'pip install ml_dtypes' in str(exc), exc
+    else:
+        raise AssertionError('no TypeError')
+print('ok')
+'''
+    result = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-3000:]
 
 
 def test_array_likes_and_non_arrays(numpy_backend):

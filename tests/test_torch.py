@@ -182,7 +182,7 @@ def test_cuda_tensors_on_a_side_stream():
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_float16_tensors_and_a_clear_error_for_bfloat16():
+def test_float16_tensors():
     x, t = make((6, 50), torch.float16, requires_grad=True)
     loss = sce_torch.cross_entropy(x, t)
     loss.backward()
@@ -192,8 +192,67 @@ def test_float16_tensors_and_a_clear_error_for_bfloat16():
     assert loss.dtype == torch.float16 and x.grad.dtype == torch.float16
     torch.testing.assert_close(loss.float(), ref, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(x.grad.float(), x32.grad, rtol=2e-3, atol=2e-4)
-    with pytest.raises(TypeError, match='bfloat16'):
-        sce_torch.cross_entropy(x.detach().bfloat16(), t)
+
+
+BF16_TOL = dict(rtol=8e-3, atol=1e-6)  # about one bfloat16 ulp (the results are rounded once to bfloat16)
+
+
+@pytest.mark.parametrize('reduction', REDUCTIONS)
+@pytest.mark.parametrize('case', ['hard', 'weight-bf16', 'weight-f32', 'soft'])
+def test_bfloat16_tensors(case, reduction):
+    """bfloat16 logits compute in float32: the loss and gradient are bfloat16, and match
+    torch's float32 cross_entropy of the same bfloat16 values within about one bfloat16 ulp."""
+    x, t = make((6, 50), torch.bfloat16, soft=case == 'soft')
+    kw = dict(reduction=reduction)
+    if case.startswith('weight'):
+        kw['weight'] = torch.linspace(0.5, 2.0, 50).to(torch.bfloat16 if case == 'weight-bf16' else torch.float32)
+    loss = sce_torch.cross_entropy(x, t, **kw)
+    seed = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    (loss.float() * seed).sum().backward()
+    x32 = x.detach().float().requires_grad_(True)
+    if 'weight' in kw:
+        kw['weight'] = kw['weight'].float()
+    ref = F.cross_entropy(x32, t.float() if case == 'soft' else t, **kw)
+    (ref * seed).sum().backward()
+    assert loss.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16 and loss.shape == ref.shape
+    torch.testing.assert_close(loss.float(), ref, **BF16_TOL)
+    torch.testing.assert_close(x.grad.float(), x32.grad, **BF16_TOL)
+
+
+def test_bfloat16_cpu_tensors_share_memory_and_inplace_backward():
+    """A CPU bfloat16 tensor is read as its int16 view bit-cast to ml_dtypes.bfloat16 (no copy),
+    results come back the same way, and inplace_backward writes the gradient into the logits."""
+    ml_dtypes = pytest.importorskip('ml_dtypes')
+    x, t = make((4, 7), torch.bfloat16, requires_grad=False)
+    a = sce_torch._to_array(x)
+    assert a.dtype == ml_dtypes.bfloat16 and a.ctypes.data == x.data_ptr()
+    a[0, 0] = 2.5  # written through the array, read in the tensor
+    assert x[0, 0].item() == 2.5
+    back = sce_torch._to_tensor(a, x.device)
+    assert back.dtype == torch.bfloat16 and back.data_ptr() == x.data_ptr()
+    assert sce_torch._to_tensor(numpy.asarray(1.5, ml_dtypes.bfloat16), x.device).dtype == torch.bfloat16
+    # in place: the gradient is the logits' own (bfloat16) storage
+    h = torch.randn(16, 8, generator=torch.Generator().manual_seed(2)).bfloat16()
+    w = torch.randn(8, 40, generator=torch.Generator().manual_seed(3)).bfloat16().requires_grad_(True)
+    t = torch.randint(0, 40, (16,), generator=torch.Generator().manual_seed(4))
+    logits = h @ w
+    x32 = logits.detach().float().requires_grad_(True)
+    F.cross_entropy(x32, t).backward()
+    grads = []
+    logits.register_hook(lambda g: grads.append(g))
+    ptr = logits.data_ptr()
+    sce_torch.cross_entropy(logits, t, inplace_backward=True).backward()
+    assert grads[0].data_ptr() == ptr and grads[0].dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grads[0].float(), x32.grad, **BF16_TOL)
+
+
+def test_bfloat16_beside_float16_or_float64_is_refused():
+    x, t = make((4, 7), torch.float16)
+    with pytest.raises(TypeError, match='weight is bfloat16 but logits is float16'):
+        sce_torch.cross_entropy(x, t, weight=torch.ones(7, dtype=torch.bfloat16))
+    xb = x.detach().bfloat16().requires_grad_(True)
+    with pytest.raises(TypeError, match='logits is bfloat16 but weight is float64'):
+        sce_torch.cross_entropy(xb, t, weight=torch.ones(7, dtype=torch.float64))
 
 
 def _cuda_or_skip():
