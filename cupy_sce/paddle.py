@@ -12,6 +12,15 @@ tensors on the CuPy backend, both through DLPack (no copy of the logits; Paddle'
 copies), on Paddle's current CUDA stream.  The forward keeps the per-row lse for the backward,
 which is one pass over the logits.  ``z_loss`` and ``softcap`` are cupy_sce's additions.
 
+float16, bfloat16, float32 and float64 logits; bfloat16 computes in float32 and returns a
+bfloat16 loss and gradient.  NumPy's DLPack import refuses bfloat16, so a CPU bfloat16 tensor is
+read through DLPack as its int16 view (``tensor.view(paddle.int16)``, the same memory) bit-cast to
+``ml_dtypes.bfloat16``, and a bfloat16 result goes back the same way round
+(``paddle.from_dlpack(a.view(int16)).view(paddle.bfloat16)``): no copy either way.  ml_dtypes is
+needed for bfloat16 only (a ``TypeError`` says so when it is missing); GPU bfloat16 tensors travel
+through DLPack as the others do.  With bfloat16 logits the weight (and soft labels) are bfloat16
+or float32; a float16 or float64 one is a ``TypeError``.
+
 This module imports paddle; importing ``cupy_sce`` alone never does.
 """
 import numpy
@@ -19,15 +28,15 @@ import paddle
 from paddle.autograd import PyLayer
 
 import cupy_sce
-from cupy_sce import _bridge
+from cupy_sce import _bridge, _dtypes
 
 
 def _to_array(tensor):
     """The tensor's data as a NumPy (CPU) or CuPy (GPU) array sharing its memory."""
     tensor = tensor.detach()
-    if tensor.dtype == paddle.bfloat16:
-        raise TypeError('bfloat16 tensors are not supported yet (cupy_sce computes float16, float32 and float64)')
     if tensor.place.is_cpu_place():
+        if tensor.dtype == paddle.bfloat16:  # NumPy's DLPack refuses it: the same bits as int16, bit-cast
+            return numpy.from_dlpack(tensor.view(paddle.int16)).view(_dtypes.bfloat16())
         return numpy.from_dlpack(tensor)
     if tensor.place.is_gpu_place():
         import cupy
@@ -41,7 +50,10 @@ def _to_tensor(array):
     if array is None:
         return None
     if array.ndim == 0:
-        return paddle.from_dlpack(array.reshape(1)).reshape([])
+        return _to_tensor(array.reshape(1)).reshape([])
+    if isinstance(array, numpy.ndarray) and _dtypes.is_bfloat16(array.dtype):
+        # NumPy's DLPack export refuses ml_dtypes' bfloat16: the same memory as int16, bit-cast back
+        return paddle.from_dlpack(array.view(numpy.int16)).view(paddle.bfloat16)
     return paddle.from_dlpack(array)
 
 

@@ -6,8 +6,17 @@
 
 CPU tensors run on the NumPy backend through ``Tensor.numpy()`` views, CUDA tensors on the CuPy
 backend through DLPack, on the tensor's device and ``torch.cuda.current_stream()``: no copies of
-the logits either way.  The forward keeps only the per-row log-sum-exp for the backward (not the
-softmax), and the backward is one pass over the logits (``cupy_sce.backward``).
+the logits either way.  float16, bfloat16, float32 and float64 logits; bfloat16 computes in
+float32 and returns a bfloat16 loss and gradient.  ``Tensor.numpy()`` refuses bfloat16, so a CPU
+bfloat16 tensor is read as its int16 view bit-cast to ``ml_dtypes.bfloat16``
+(``tensor.view(torch.int16).numpy().view(bfloat16)``), and a bfloat16 result comes back the same
+way round (``torch.from_numpy(a.view(int16)).view(torch.bfloat16)``): the same memory, no copy.
+ml_dtypes is needed for bfloat16 only (a ``TypeError`` says so when it is missing); CUDA
+bfloat16 tensors travel through DLPack as the others do.  With bfloat16 logits the weight (and
+probability targets) are bfloat16 or float32; a float16 or float64 one is a ``TypeError``.
+
+The forward keeps only the per-row log-sum-exp for the backward (not the softmax), and the
+backward is one pass over the logits (``cupy_sce.backward``).
 
 Semantics are PyTorch's (class dimension 1 for inputs of rank >= 2, dimension 0 for an
 unbatched ``(C,)`` input; probability targets when ``target`` is floating), except where noted:
@@ -25,7 +34,7 @@ import numpy
 import torch
 
 import cupy_sce
-from cupy_sce import _bridge
+from cupy_sce import _bridge, _dtypes
 
 _REDUCTIONS = ('none', 'mean', 'sum')
 
@@ -34,9 +43,8 @@ def _to_array(tensor):
     """The tensor's data as a NumPy (CPU) or CuPy (CUDA) array sharing its memory."""
     tensor = tensor.detach()
     if tensor.device.type == 'cpu':
-        if tensor.dtype == torch.bfloat16:
-            raise TypeError('bfloat16 tensors are not supported yet (cupy_sce computes float16, float32 '
-                            'and float64)')
+        if tensor.dtype == torch.bfloat16:  # numpy() refuses it: the same bits as int16, bit-cast
+            return tensor.view(torch.int16).numpy().view(_dtypes.bfloat16())
         return tensor.numpy()
     if tensor.device.type == 'cuda':
         import cupy
@@ -49,7 +57,10 @@ def _to_tensor(array, device):
     if array is None:
         return None
     if isinstance(array, (numpy.ndarray, numpy.generic)):
-        return torch.from_numpy(numpy.asarray(array))
+        array = numpy.asarray(array)
+        if _dtypes.is_bfloat16(array.dtype):  # from_numpy refuses ml_dtypes' bfloat16: via int16
+            return torch.from_numpy(array.view(numpy.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
     return torch.from_dlpack(array).to(device)
 
 

@@ -3,13 +3,15 @@
     python scripts/accuracy.py [--backends numpy harness cupy] [--problems 200] [--seed 0]
 
 Random problems (K from 1 to 4097, class axis last or first), every row's label raised so that its
-loss is about 10**u with u uniform in [-8, 2] (confident predictions included), in float16, float32
-and float64.  The measures are those of the README's accuracy table (and of
-tests/test_contract.py, which enforces the bounds): the loss relative to ``loss + sum_{k != label}
-p_k |x_k - x[label]|`` (its sensitivity to rounding the logits' differences), the lse
-relative to ``|lse| + max_k |x_k|``, the gradient relative to ``p_k (1 + |x_k - lse|) + t_k``; in
-ulps (eps) of the output dtype (the lse: of the compute dtype).  ``harness`` runs the CUDA kernels
-on the CPU (needs g++), ``cupy`` on a GPU.
+loss is about 10**u with u uniform in [-8, 2] (confident predictions included), in float16,
+bfloat16 (with ml_dtypes installed), float32 and float64.  The measures are those of the README's
+accuracy table (and of tests/test_contract.py, which enforces the bounds): the loss relative to
+``loss + sum_{k != label} p_k |x_k - x[label]|`` (its sensitivity to rounding the logits'
+differences), the lse relative to ``|lse| + max_k |x_k|``, the gradient relative to
+``p_k (1 + |x_k - lse|) + t_k``; in ulps (eps) of the output dtype (the lse: of the compute dtype).
+The last column is the gradient's error in units in the last place of each exact element (the
+16-bit dtypes' contract: at most 1).  ``harness`` runs the CUDA kernels on the CPU (needs g++),
+``cupy`` on a GPU.
 """
 import argparse
 import contextlib
@@ -17,9 +19,15 @@ import contextlib
 import numpy
 
 import cupy_sce
-from cupy_sce import testing
+from cupy_sce import _dtypes, testing
 
-DTYPES = (numpy.float16, numpy.float32, numpy.float64)
+DTYPES = (numpy.float16,) + ((_dtypes.bfloat16(),) if _dtypes.bfloat16_available() else ()) + (
+    numpy.float32, numpy.float64)
+
+
+def finfo(dtype):
+    import ml_dtypes  # numpy.finfo does not know bfloat16
+    return ml_dtypes.finfo(dtype) if numpy.dtype(dtype).name == 'bfloat16' else numpy.finfo(dtype)
 KS = (1, 2, 3, 7, 64, 65, 500, 1000, 2048, 4097)
 
 
@@ -63,8 +71,9 @@ def loss_scale(loss, prob, y, label, axis):
 
 
 def worst_errors(run, rng, dtype, n_problems):
-    eps, floor = numpy.finfo(dtype).eps, numpy.finfo(dtype).tiny
-    worst = [0.0, 0.0, 0.0]
+    info = finfo(dtype)
+    eps, floor = float(info.eps), float(info.tiny)
+    worst = [0.0, 0.0, 0.0, 0.0]
     for _ in range(n_problems):
         x, label, axis = problem(rng, dtype)
         loss, grad = run(cupy_sce.forward_backward, x, label, axis=axis)
@@ -73,11 +82,14 @@ def worst_errors(run, rng, dtype, n_problems):
         target = numpy.zeros_like(prob)
         numpy.put_along_axis(target, label, 1.0, axis=axis)
         acc = numpy.finfo(lse.dtype)
+        exact_grad = prob - target
+        ulp = 2.0 ** (numpy.floor(numpy.log2(numpy.maximum(numpy.abs(exact_grad), floor))) - info.nmant)
         errors = (
             numpy.abs(loss - exact_loss) / (eps * loss_scale(exact_loss, prob, y, label, axis) + floor),
             numpy.abs(lse - exact_lse) / (acc.eps * (numpy.abs(exact_lse) + numpy.abs(y).max(axis, keepdims=True))
                                           + acc.tiny),
-            numpy.abs(grad - (prob - target)) / (eps * (prob * (1 + numpy.abs(y - exact_lse)) + target) + floor),
+            numpy.abs(grad - exact_grad) / (eps * (prob * (1 + numpy.abs(y - exact_lse)) + target) + floor),
+            numpy.abs(grad - exact_grad) / ulp,
         )
         worst = [max(w, float(e.max())) for w, e in zip(worst, errors)]
     return worst
@@ -108,13 +120,14 @@ def main():
     parser.add_argument('--problems', type=int, default=200, help='problems per backend and dtype')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
-    print('{:<8} {:<8} {:>12} {:>10} {:>14}'.format('backend', 'dtype', 'loss ulps', 'lse ulps', 'gradient ulps'))
+    print('{:<8} {:<8} {:>12} {:>10} {:>14} {:>16}'.format('backend', 'dtype', 'loss ulps', 'lse ulps',
+                                                          'gradient ulps', 'grad ulp(exact)'))
     for name in args.backends:
         run = runner(name)
         for dtype in DTYPES:
-            loss, lse, grad = worst_errors(run, numpy.random.default_rng(args.seed), dtype, args.problems)
-            print('{:<8} {:<8} {:12.2f} {:10.2f} {:14.2f}'.format(name, numpy.dtype(dtype).name, loss, lse, grad),
-                  flush=True)
+            loss, lse, grad, grad_ulp = worst_errors(run, numpy.random.default_rng(args.seed), dtype, args.problems)
+            print('{:<8} {:<8} {:12.2f} {:10.2f} {:14.2f} {:16.2f}'.format(
+                name, numpy.dtype(dtype).name, loss, lse, grad, grad_ulp), flush=True)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,10 @@ single-threaded ``np.exp(x, out=y)`` pass over the logits (the floor a
 forward pass is measured against).  GPU peers: PyTorch CUDA and a naive CuPy
 composition.
 
+bfloat16 (with ml_dtypes installed): on the CPU at 4096x32000 (512x32000 with --quick) against
+PyTorch's bfloat16 F.cross_entropy and the naive composition on a float32 copy; on a GPU next to
+float16 and float32 at the large-vocabulary shapes.
+
 Per case it prints the median time over the repeats after a warm-up (CUDA
 events on a GPU), the effective GB/s under the byte model below, the ratio
 peer_time / cupy_sce_time for each peer (> 1: cupy_sce is faster), and on a
@@ -114,9 +118,12 @@ def moved_axis(xp, x, label, axis):
 
 
 def naive(xp, op, x, label, axis):
-    """What a user writes by hand: max, exp, sum, log, gather (and softmax - onehot)."""
+    """What a user writes by hand: max, exp, sum, log, gather (and softmax - onehot).  16-bit logits
+    on the CPU go through a float32 copy first (NumPy has no fast 16-bit arithmetic; bfloat16's
+    ufuncs from ml_dtypes convert each element)."""
     def softmax_parts():
-        shifted = x - x.max(axis=axis, keepdims=True)
+        x32 = x.astype(numpy.float32) if xp is numpy and x.dtype.itemsize == 2 else x
+        shifted = x32 - x32.max(axis=axis, keepdims=True)
         e = xp.exp(shifted)
         s = e.sum(axis=axis, keepdims=True)
         return shifted, e, s
@@ -158,8 +165,12 @@ def torch_tensors(device, *arrays):
     for a in arrays:
         if device == 'cuda' and hasattr(a, '__dlpack__'):  # zero-copy view of the CuPy arrays
             tensors.append(torch.from_dlpack(a))
+            continue
+        host = numpy.asarray(a.get() if hasattr(a, 'get') else a)
+        if host.dtype.name == 'bfloat16':  # ml_dtypes' bfloat16: torch takes its bits
+            tensors.append(torch.from_numpy(host.view(numpy.int16)).view(torch.bfloat16).to(device))
         else:
-            tensors.append(torch.as_tensor(numpy.asarray(a.get() if hasattr(a, 'get') else a)).to(device))
+            tensors.append(torch.as_tensor(host).to(device))
     return torch, F, tensors
 
 
@@ -335,7 +346,7 @@ def check_against_float64(xp, x, label, axis, rows=256):
     return rel(loss[:rows], ref_loss), rel(grad[:rows], ref_grad)
 
 
-CHECK_TOLERANCE = {'float16': 2e-3, 'float32': 1e-5, 'float64': 1e-12}
+CHECK_TOLERANCE = {'float16': 2e-3, 'bfloat16': 1.6e-2, 'float32': 1e-5, 'float64': 1e-12}
 
 
 def copy_bandwidth_gbs(repeat):
@@ -375,6 +386,7 @@ def run_cpu(args, rows):
                 row['first_call_extra_mib'], row['extra_peak_mib'] = first / 2 ** 20, later / 2 ** 20
                 row['logits_mib'] = x.nbytes / 2 ** 20
             emit(rows, row, peers)
+    run_cpu_bfloat16(args, rows)
     run_feature_costs(numpy, time_cpu, args, rows, 'cpu')
 
 
@@ -437,6 +449,41 @@ def run_feature_costs(xp, timer, args, rows, device):
         emit(rows, row, peers)
 
 
+def bfloat16_or_none():
+    """ml_dtypes' bfloat16, or None (then the bfloat16 rows are skipped, and said so)."""
+    from cupy_sce import _dtypes
+    if _dtypes.bfloat16_available():
+        return _dtypes.bfloat16()
+    print('# bfloat16 rows skipped: ml_dtypes is not installed (pip install ml_dtypes)')
+    return None
+
+
+def large_k_gpu_dtypes():
+    """The dtypes of the large-vocabulary GPU rows."""
+    bf16 = bfloat16_or_none()
+    return (numpy.float32, numpy.float16) + ((bf16,) if bf16 is not None else ())
+
+
+# bfloat16 on the CPU (issue 12): against PyTorch's bfloat16 F.cross_entropy
+BF16_OPS = ('forward', 'forward+backward', 'forward+backward inplace')
+
+
+def run_cpu_bfloat16(args, rows):
+    bf16 = bfloat16_or_none()
+    if bf16 is None:
+        return
+    name, shape, axis = (CPU_QUICK if args.quick else CPU_CASES)[0]
+    x, label = make_inputs(numpy, shape, axis, bf16)
+    loss_err, grad_err = check_against_float64(numpy, x, label, axis)
+    print('# check {} bfloat16: loss rel err {:.2e}, grad rel err {:.2e} vs float64 -> {}'.format(
+        name, loss_err, grad_err, 'ok' if max(loss_err, grad_err) <= CHECK_TOLERANCE['bfloat16'] else 'FAILED'))
+    for op in BF16_OPS:
+        t_ours, t_min = time_cpu(ours(op, x, label, axis), args.repeat)
+        row = dict(device='cpu', case=name + ' bfloat16', op=op, impl='cupy_sce', median_ms=t_ours * 1e3,
+                   min_ms=t_min * 1e3, gbs=bytes_moved(op, shape, axis, 2) / t_ours / 1e9)
+        emit(rows, row, peer_times(numpy, op, x, label, axis, args.repeat, 'cpu'))
+
+
 def run_gpu(args, rows):
     import cupy
     props = cupy.cuda.runtime.getDeviceProperties(0)
@@ -452,8 +499,9 @@ def run_gpu(args, rows):
         props.get('sharedMemPerBlock', 0) // 1024, props.get('sharedMemPerBlockOptin', 0) // 1024))
     cases = GPU_QUICK if args.quick else GPU_CASES
     failures = []
+    large_k_dtypes = large_k_gpu_dtypes()
     for case, shape, axis in cases:
-        for dtype in ((numpy.float32, numpy.float16) if shape[-1] > 100000 else (numpy.float32,)):
+        for dtype in (large_k_dtypes if shape[-1] > 100000 else (numpy.float32,)):
             case_name = '{} {}'.format(case, numpy.dtype(dtype).name)
             x, label = make_inputs(cupy, shape, axis, dtype)
             loss_err, grad_err = check_against_float64(cupy, x, label, axis)

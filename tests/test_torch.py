@@ -205,7 +205,8 @@ def test_bfloat16_tensors(case, reduction):
     x, t = make((6, 50), torch.bfloat16, soft=case == 'soft')
     kw = dict(reduction=reduction)
     if case.startswith('weight'):
-        kw['weight'] = torch.linspace(0.5, 2.0, 50).to(torch.bfloat16 if case == 'weight-bf16' else torch.float32)
+        w_dtype = torch.bfloat16 if case == 'weight-bf16' else torch.float32
+        kw['weight'] = torch.linspace(0.5, 2.0, 50).to(w_dtype)
     loss = sce_torch.cross_entropy(x, t, **kw)
     seed = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
     (loss.float() * seed).sum().backward()
