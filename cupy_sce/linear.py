@@ -5,15 +5,15 @@ The rows (tokens) are taken ``chunk_size`` at a time: the chunk's logits go into
 buffer (``numpy.matmul`` / ``cupy.matmul``, i.e. BLAS / cuBLAS), the fused in-place
 ``forward_backward`` turns them into their own gradient, and that gradient is multiplied back:
 ``grad_hidden[chunk] = dlogits @ weight``, ``grad_weight += dlogits.T @ hidden[chunk]``,
-``grad_bias += dlogits.sum(0)``.  Extra memory is one chunk of logits (plus, for float16 on the
-CPU, float32 copies of the weight and a chunk: NumPy has no float16 BLAS), never N x V.  The
+``grad_bias += dlogits.sum(0)``.  Extra memory is one chunk of logits (plus, for float16 and
+bfloat16 on the CPU, float32 copies of the weight and a chunk: NumPy has no 16-bit BLAS), never N x V.  The
 divisor of ``reduction='mean'`` comes from the labels before the first chunk, so one pass
 suffices, and the label range is checked once, before any chunk runs.
 
-Precision: the logits of a chunk are computed in the compute dtype's matmul (float32 for float16
-on the CPU; cuBLAS's float16 matmul accumulates in float32 on a GPU) and stored in the inputs'
-dtype, as an unfused ``hidden @ weight.T`` would be; ``grad_weight`` and ``grad_bias`` accumulate
-over the chunks in the compute dtype (float32 for float16) and are rounded to the inputs' dtype
+Precision: the logits of a chunk are computed in the compute dtype's matmul (float32 for 16-bit
+inputs on the CPU; cuBLAS's 16-bit matmuls accumulate in float32 on a GPU) and stored in the
+inputs' dtype, as an unfused ``hidden @ weight.T`` would be; ``grad_weight`` and ``grad_bias``
+accumulate over the chunks in the compute dtype (float32 for 16-bit inputs) and are rounded to the inputs' dtype
 once at the end.  Results are deterministic for a given chunk size.
 """
 import numpy

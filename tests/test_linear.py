@@ -4,7 +4,7 @@ import pytest
 
 import cupy_sce
 from cupy_sce import linear
-from helpers import make_weight
+from helpers import HALF_DTYPES, finfo, make_weight
 
 REDUCTIONS = ('none', 'mean', 'sum')
 
@@ -70,16 +70,19 @@ def test_family_options_and_float32(backend):
         numpy.testing.assert_allclose(a, e, rtol=2e-4, atol=2e-6)
 
 
-def test_float16_accumulates_in_float32(numpy_backend):
+@pytest.mark.parametrize('dtype', HALF_DTYPES)
+def test_16_bit_accumulates_in_float32(backend, dtype):
     """grad_weight over many chunks: accumulated in float32 and rounded once, it stays within a
-    float16 rounding of the float64 composition (a float16 running sum would drift)."""
+    16-bit rounding of the float64 composition (a 16-bit running sum would drift)."""
     rng = numpy.random.default_rng(6)
-    hidden, weight, label, b = make(rng, (512,), 8, 50, numpy.float16, ignore_fraction=0)
-    got = linear.linear_cross_entropy_forward_backward(hidden, weight, label, b, reduction='sum', chunk_size=4)
+    hidden, weight, label, b = make(rng, (512,), 8, 50, dtype, ignore_fraction=0)
+    got = backend(linear.linear_cross_entropy_forward_backward, hidden, weight, label, b, reduction='sum',
+                  chunk_size=4)
     want = unfused(hidden, weight, label, b, None, 'sum', {})
+    tol = 4 * float(finfo(dtype).eps)
     for name, a, e in zip(('loss', 'grad_hidden', 'grad_weight', 'grad_bias'), got, want):
-        assert a.dtype == numpy.float16, name
-        numpy.testing.assert_allclose(a.astype(numpy.float64), e, rtol=4e-3, atol=4e-3, err_msg=name)
+        assert a.dtype == dtype, name
+        numpy.testing.assert_allclose(a.astype(numpy.float64), e, rtol=tol, atol=tol, err_msg=name)
 
 
 def test_results_do_not_depend_on_the_thread_count(numpy_backend):
