@@ -41,7 +41,8 @@ def bfloat16_available():
 def is_bfloat16(dtype):
     """Whether ``dtype`` is bfloat16: ml_dtypes' (a bfloat16 of another origin, or one seen
     without ml_dtypes, is a ``TypeError``)."""
-    if dtype.name != BFLOAT16:
+    # kind first: numpy's dtype.name is a Python-level property, slow next to a small call
+    if dtype.kind != 'V' or dtype.name != BFLOAT16:
         return False
     if dtype != bfloat16():
         raise TypeError('a bfloat16 dtype that is not ml_dtypes.bfloat16 ({!r}): cupy_sce computes '
@@ -74,11 +75,11 @@ def check_float_mix(named_arrays):
     one must be bfloat16 or float32: a float16 or float64 one would be rounded to another
     precision without a word."""
     floats = [(name, a.dtype) for name, a in named_arrays if a is not None and is_float(a.dtype)]
-    bf16 = [name for name, dtype in floats if dtype.name == BFLOAT16]
+    bf16 = [name for name, dtype in floats if dtype.kind != 'f']  # the floats not of kind 'f': bfloat16
     if not bf16:
         return
     for name, dtype in floats:
-        if dtype.name not in (BFLOAT16, 'float32'):
+        if dtype.kind == 'f' and dtype != numpy.float32:
             raise TypeError('{} is bfloat16 but {} is {}: a call with bfloat16 arrays takes its other floating '
                             'arrays in bfloat16 or float32 (the compute dtype); convert {} explicitly'.format(
                                 bf16[0], name, dtype, name))
