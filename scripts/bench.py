@@ -24,6 +24,10 @@ N=8192, H=2048, V=32000 float32 against the unfused composition and PyTorch CPU,
 peak memory; on a GPU (--device gpu) at N=8192, H=4096, V=128256 in float16 and float32 against
 the unfused composition and PyTorch CUDA, time and peak memory.
 
+--scale-out: cupy_sce.dask at 4096x32000 float32 (chunks of a quarter of the rows, then also of the
+classes) against the single-array call on the threaded scheduler, and the vocabulary-parallel
+forward under ``mpiexec -n 2`` (one thread a rank) against one process.
+
 --overhead (also run by --quick): per-call time of small problems, (8, 10), (64, 1000) and
 (256, 32000), for forward, softmax_with_cross_entropy and forward_backward against the naive
 NumPy composition and PyTorch CPU in the same process, and the CuPy backend's host time per call
@@ -876,6 +880,75 @@ def run_linear(args, rows):
         ', '.join('{} {:.1f} ms -> x{:.2f}'.format(p, t * 1e3, t / t_fused) for p, t in peers.items())), flush=True)
 
 
+# ---------------------------------------------------------------- scaling out (issue 15)
+
+SCALE_OUT_CASE = (4096, 32000)
+SCALE_OUT_QUICK = (512, 32000)
+
+
+def run_scale_out(args, rows):
+    """cupy_sce.dask against the single-array call (the graph's overhead, threaded scheduler on
+    this machine's cores), and the vocabulary-parallel forward under ``mpiexec -n 2`` against one
+    process (``--mpi-worker`` runs on each rank)."""
+    import subprocess
+    import dask
+    import dask.array as da
+    from cupy_sce import dask as sce_dask
+    N, V = SCALE_OUT_QUICK if args.quick else SCALE_OUT_CASE
+    name = '{}x{}'.format(N, V)
+    x, label = make_inputs(numpy, (N, V), -1, numpy.float32)
+    label = label[:, 0]
+    for chunks in ((N // 4, V), (N // 4, V // 4)):
+        dx = da.from_array(x, chunks=chunks)
+        for op, single, lazy in (
+                ('forward', lambda: cupy_sce.forward(x, label),
+                 lambda: dask.compute(*sce_dask.forward(dx, label), scheduler='threads')),
+                ('forward+backward', lambda: cupy_sce.forward_backward(x, label),
+                 lambda: dask.compute(*sce_dask.forward_backward(dx, label), scheduler='threads'))):
+            t_dask, t_min = time_cpu(lazy, args.repeat)
+            row = dict(device='cpu', case='{} dask chunks {}x{}'.format(name, *chunks), op=op, impl='cupy_sce.dask',
+                       median_ms=t_dask * 1e3, min_ms=t_min * 1e3, gbs=bytes_moved(op, (N, V), -1, 4) / t_dask / 1e9)
+            emit(rows, row, {'single array': time_cpu(single, args.repeat)[0]})
+    mpiexec = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
+    if not os.path.exists(mpiexec):
+        print('# vocab-parallel rows skipped: no mpiexec next to this Python (pip install mpich mpi4py)')
+        return
+    result = subprocess.run([mpiexec, '-n', '2', sys.executable, os.path.abspath(__file__), '--mpi-worker',
+                             '--repeat', str(args.repeat)] + (['--quick'] if args.quick else []),
+                            capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, CUPY_SCE_NUM_THREADS='1'))
+    if result.returncode != 0:
+        print('# vocab-parallel run failed:\n' + (result.stdout + result.stderr)[-2000:])
+        return
+    times = dict(line.split()[1:3] for line in result.stdout.splitlines() if line.startswith('time '))
+    row = dict(device='cpu', case=name + ' vocab-parallel 2 ranks', op='forward', impl='cupy_sce.distributed',
+               median_ms=float(times['two_ranks']) * 1e3, min_ms=float(times['two_ranks']) * 1e3,
+               gbs=bytes_moved('forward', (N, V), -1, 4) / float(times['two_ranks']) / 1e9)
+    emit(rows, row, {'1 process, vocab_parallel': float(times['one_rank']),
+                     '1 process, cupy_sce.forward': float(times['single_array'])})
+
+
+def mpi_worker(args):
+    """Under mpiexec: each rank times its half of the vocabulary; rank 0 also times one process."""
+    from mpi4py import MPI
+    from cupy_sce import distributed
+    comm = MPI.COMM_WORLD
+    N, V = SCALE_OUT_QUICK if args.quick else SCALE_OUT_CASE
+    x, label = make_inputs(numpy, (N, V), -1, numpy.float32)
+    label = label[:, 0]
+    bounds = [V * r // comm.size for r in range(comm.size + 1)]
+    local = numpy.ascontiguousarray(x[:, bounds[comm.rank]:bounds[comm.rank + 1]])
+
+    def two_ranks():
+        comm.Barrier()
+        return distributed.vocab_parallel_forward(local, label, bounds[comm.rank], comm)
+    t_two = time_cpu(two_ranks, args.repeat)[0]
+    if comm.rank == 0:
+        t_one = time_cpu(lambda: distributed.vocab_parallel_forward(x, label, 0, MPI.COMM_SELF), args.repeat)[0]
+        t_single = time_cpu(lambda: cupy_sce.forward(x, label), args.repeat)[0]
+        print('time two_ranks {}\ntime one_rank {}\ntime single_array {}'.format(t_two, t_one, t_single), flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='small shapes, few repeats (< 1 minute)')
@@ -888,14 +961,23 @@ def main(argv=None):
     parser.add_argument('--linear', action='store_true',
                         help='only the fused linear + cross entropy at N=8192, H=2048, V=32000 (a small shape '
                              'in --quick)')
+    parser.add_argument('--scale-out', action='store_true',
+                        help='only cupy_sce.dask and the vocabulary-parallel forward under mpiexec -n 2')
+    parser.add_argument('--mpi-worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.mpi_worker:
+        args.repeat = args.repeat or 7
+        mpi_worker(args)
+        return 0
     if args.repeat is None:
         args.repeat = 3 if args.quick else 7
     if args.threads:
         cupy_sce.set_num_threads(args.threads)
     rows, failures = [], []
     report_skipped_peers(args.device)
-    only = args.overhead or args.linear
+    only = args.overhead or args.linear or args.scale_out
+    if args.scale_out:
+        run_scale_out(args, rows)
     if args.overhead or (args.quick and not only and args.device in ('cpu', 'all')):
         run_overhead(args, rows)
     if args.device in ('cpu', 'all') and (args.linear or (args.quick and not only)):
