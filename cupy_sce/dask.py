@@ -39,10 +39,11 @@ def _xp(block):
     return _api.get_array_module(block)
 
 
-def _rows(block, acc):
-    """A chunk with the class axis last as (rows, K) in the compute dtype."""
-    xp = _xp(block)
-    return xp.ascontiguousarray(block).reshape(-1, block.shape[-1]).astype(acc, copy=False)
+def _rows(block, acc, xp=None):
+    """A chunk with the class axis last as (rows, K) in the compute dtype (on ``xp``'s device: a
+    label or weight chunk may be a NumPy array beside CuPy logits)."""
+    xp = xp or _xp(block)
+    return xp.ascontiguousarray(xp.asarray(block)).reshape(-1, block.shape[-1]).astype(acc, copy=False)
 
 
 class _Graph:
@@ -121,9 +122,9 @@ def _columns_chunk(x, shift, classes, label, soft, weight, o, backward):
     xp = _xp(x)
     y = _split.capped(xp, o, _rows(x, o.acc))
     start = int(classes[0]) if classes.size else 0
-    label = None if label is None else label.reshape(-1)
-    soft = None if soft is None else _rows(soft, o.acc) * (1 - o.label_smoothing)
-    weight = None if weight is None else weight.astype(o.acc)
+    label = None if label is None else xp.asarray(label).reshape(-1)
+    soft = None if soft is None else _rows(soft, o.acc, xp) * (1 - o.label_smoothing)
+    weight = None if weight is None else xp.asarray(weight).astype(o.acc)
     if backward:
         columns, _ = _split.backward_columns(xp, o, y, label, start, soft, weight)
     else:
@@ -149,7 +150,7 @@ def _terms_chunk(shift, sums, label, lse, o, V, weight_sum, check, block_info=No
     rows = sums.shape[1:]
     flat_sums = [s.reshape(-1) for s in sums]
     scalars = [float(V), weight_sum]
-    flat_label = None if label is None else label.reshape(-1)
+    flat_label = None if label is None else xp.asarray(label).reshape(-1)
     if lse is None:
         t = _split.forward_terms(xp, o, shift.reshape(-1), flat_sums, scalars, flat_label)
     else:
@@ -181,11 +182,11 @@ def _gradient_chunk(x, terms, g, classes, label, soft, weight, o, V, dtype):
     xp = _xp(x)
     xr = _rows(x, o.acc)
     y = _split.capped(xp, o, xr)
-    t = _unstack(terms, o)
+    t = _unstack(xp.asarray(terms), o)
     t.V = float(V)
     start = int(classes[0]) if classes.size else 0
-    label = None if label is None else label.reshape(-1)
-    soft = None if soft is None else _rows(soft, o.acc) * (1 - o.label_smoothing)
+    label = None if label is None else xp.asarray(label).reshape(-1)
+    soft = None if soft is None else _rows(soft, o.acc, xp) * (1 - o.label_smoothing)
     g = xp.asarray(g, dtype=o.acc).reshape(-1)
     if t.w is not None:
         g = g * t.w
@@ -265,6 +266,7 @@ def _divisor(q):
 def _hard_row_weight(label, weight, o):
     """(1 - eps) weight[label] + eps mean(weight) for counted in-range labels, else 0."""
     xp = _xp(weight)
+    label = xp.asarray(label)
     V = weight.shape[0]
     counted = (label != o.ignore_index) & (label >= 0) & (label < V)
     w = weight[xp.where(counted, label, 0)]

@@ -139,3 +139,22 @@ def test_local_cluster_with_worker_processes_gives_the_threaded_bits():
     want_loss, want_grad = cupy_sce.forward_backward(x, label, **kw)
     numpy.testing.assert_allclose(threaded[0], want_loss, **TOL[numpy.float32])
     numpy.testing.assert_allclose(threaded[1], want_grad, **TOL[numpy.float32])
+
+
+@pytest.mark.gpu
+def test_cupy_chunks_on_a_gpu():
+    """Dask arrays of CuPy chunks (as dask-cuda makes them), labels as NumPy or CuPy chunks."""
+    from helpers import gpu_available
+    if not gpu_available():
+        pytest.skip('no CUDA GPU present: CuPy chunks need one')
+    import cupy
+    rng = numpy.random.default_rng(6)
+    x = (rng.standard_normal((33, 70)) * 3).astype(numpy.float32)
+    label = rng.integers(0, 70, 33)
+    kw = dict(weight=(rng.integers(1, 25, 70) / 8.0).astype(numpy.float32), label_smoothing=0.1, reduction='mean')
+    dx = da.from_array(cupy.asarray(x), chunks=(8, 16), asarray=False)
+    loss, grad = dask.compute(*sce_dask.forward_backward(dx, label, **kw), scheduler='threads')
+    assert isinstance(grad, cupy.ndarray)
+    want_loss, want_grad = cupy_sce.forward_backward(x, label, **kw)
+    numpy.testing.assert_allclose(cupy.asnumpy(loss), want_loss, **TOL[numpy.float32])
+    numpy.testing.assert_allclose(cupy.asnumpy(grad), want_grad, **TOL[numpy.float32])
