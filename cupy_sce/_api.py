@@ -12,7 +12,6 @@ The two backends expose the same functions with the same names
 ``_cupy_backend``.
 """
 import contextlib
-import math
 import operator
 import threading
 

@@ -168,7 +168,7 @@ class _Shard:
         xp = self.xp
         acc = self.p.acc_dtype
         flat = xp.concatenate([xp.asarray(c, dtype=acc).reshape(-1) for c in columns] +
-                              [xp.asarray([s], dtype=acc) for s in scalars])
+                              [xp.asarray(s, dtype=acc).reshape(1) for s in scalars])
         total = self.comm.allreduce(xp, flat, 'sum')
         n = self.n_rows
         return [total[i * n:(i + 1) * n] for i in range(len(columns))], [total[len(columns) * n + i]

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import cupy_sce
 from cupy_sce import testing
-from helpers import BFLOAT16, DTYPES, HALF_DTYPES, Backend, finfo, make_weight, soft_label_dtype
+from helpers import BFLOAT16, DTYPES, HALF_DTYPES, finfo, make_weight, soft_label_dtype
 from reference import reference_family
 
 THREAD_COUNTS = (1, 2, 3, 7)

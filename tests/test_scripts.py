@@ -79,7 +79,9 @@ def test_bench_quick_smoke(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if ' GB/s' in line]
     feature_rows = [line for line in rows if 'fwd+bwd mean, ' in line]
-    assert len(rows) - len(feature_rows) == 4 * 5, result.stdout  # 4 shapes x 5 operations
+    bf16_rows = [line for line in rows if ' bfloat16 ' in line]
+    assert len(bf16_rows) == 3 and '# check 512x32000 bfloat16' in result.stdout, result.stdout
+    assert len(rows) - len(feature_rows) - len(bf16_rows) == 4 * 5, result.stdout  # 4 shapes x 5 operations
     assert len(feature_rows) == 7 and all(' cost ' in line for line in feature_rows), result.stdout
     assert 'extra peak' in result.stdout and 'x vs' not in result.stdout
     # the per-call overhead of 3 small shapes x 4 calls, with the CuPy backend's host time
@@ -88,9 +90,19 @@ def test_bench_quick_smoke(tmp_path):
     csv_text = (tmp_path / 'bench.csv').read_text().splitlines()
     # with PyTorch and Paddle installed, a bridge row per shape each
     bridge_rows = 3 * (('torch bridge fwd+bwd' in result.stdout) + ('paddle bridge fwd+bwd' in result.stdout))
-    assert csv_text[0].startswith('device,case,op,median_ms') and len(csv_text) == 1 + 20 + 7 + 12 + bridge_rows + 1
+    assert csv_text[0].startswith('device,case,op,median_ms') and len(csv_text) == 1 + 20 + 3 + 7 + 12 + bridge_rows + 1
     assert sum(',call ' in line for line in csv_text) == 12 + bridge_rows
     assert 'linear+CE fwd+bwd' in result.stdout and sum(',linear+cross entropy' in line for line in csv_text) == 1
+
+
+def test_bench_scale_out_smoke(tmp_path):
+    """bench.py --scale-out --quick: the Dask rows and the vocab-parallel row under mpiexec -n 2."""
+    result = run_script('scripts/bench.py', '--scale-out', '--quick', '--repeat', '1', '--out', str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if ' GB/s' in line]
+    assert sum(' dask chunks ' in line and 'single array' in line for line in rows) == 4, result.stdout
+    assert sum('vocab-parallel 2 ranks' in line and '1 process, vocab_parallel' in line for line in rows) == 1, \
+        result.stdout
 
 
 def test_bench_gpu_path_runs_with_a_stand_in_device(tmp_path, monkeypatch):
@@ -149,7 +161,8 @@ def test_bench_gpu_path_runs_with_a_stand_in_device(tmp_path, monkeypatch):
     feature_rows = [r for r in rows if 'feature_cost' in r]
     assert [r['op'] for r in feature_rows] == ['fwd+bwd mean, ' + name for name, _ in bench.FEATURE_SETS]
     rows = [r for r in rows if 'feature_cost' not in r]
-    assert len(rows) == 4 * 5  # the wide case runs in float32 and float16
+    assert len(rows) == 5 * 5  # the wide case runs in float32, float16 and bfloat16
+    assert sum(r['case'] == '4x100001 bfloat16' for r in rows) == 5
     assert all(0 < r['peak_fraction'] and 0 < r['copy_fraction'] for r in rows)
     assert {'cupy naive'} <= set(rows[0]['ratios'])
     assert abs(bench.peak_bandwidth_gbs() - 3352.3) < 1  # H100 SXM: 2 * 2.619 GHz * 5120 bits / 8

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cupy_sce
-from helpers import BFLOAT16, assert_all_outputs, make_case
+from helpers import BFLOAT16, DTYPES, assert_all_outputs, make_case
 from reference import reference
 
 
@@ -407,6 +407,8 @@ def test_bfloat16_beside_other_floats_is_an_error(backend):
     """A bfloat16 call takes its other floating arrays in bfloat16 or float32: a float16 or float64
     one would be rounded to another precision without a word.  Scalars (a number, a 0-d array) are
     values, not arrays, and pass."""
+    if BFLOAT16 not in DTYPES:
+        pytest.skip('this run\'s harness holds no bfloat16 kernels (CUPY_SCE_HARNESS_DTYPES)')
     rng = numpy.random.default_rng(31)
     x = rng.standard_normal((3, 4)).astype(BFLOAT16)
     lab = numpy.zeros((3, 1), numpy.int64)

@@ -35,12 +35,20 @@ import numpy
 from cupy_sce import _cupy_backend, _dtypes, _kernels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# bfloat16's instantiations too when ml_dtypes (its NumPy dtype) is installed
-DTYPES = (numpy.float16, numpy.float32, numpy.float64) + (
-    (_dtypes.bfloat16(),) if _dtypes.bfloat16_available() else ())
 COMMON_FLAGS = ['-std=c++20', '-fPIC', '-shared', '-fno-extern-tls-init', '-Wall', '-Wno-unused-variable',
                 '-Wno-unused-but-set-variable', '-Wno-unknown-pragmas']
 FLAGS = {False: ['-O2'], True: ['-O1', '-g', '-fsanitize=address', '-fno-omit-frame-pointer']}
+# CUPY_SCE_HARNESS_OPT (e.g. -O0) replaces -O2 of the plain build: the kernel mutants' probes, which
+# build a library per mutant and run briefly, compile several times faster at -O0
+OPT_ENV = 'CUPY_SCE_HARNESS_OPT'
+# CUPY_SCE_HARNESS_DTYPES (comma-separated names, e.g. float16,float32,float64) limits the dtypes
+# whose instantiations the libraries hold (a probe that needs no others builds less)
+DTYPES_ENV = 'CUPY_SCE_HARNESS_DTYPES'
+# bfloat16's instantiations too when ml_dtypes (its NumPy dtype) is installed
+DTYPES = (numpy.float16, numpy.float32, numpy.float64) + (
+    (_dtypes.bfloat16(),) if _dtypes.bfloat16_available() else ())
+if os.environ.get(DTYPES_ENV):
+    DTYPES = tuple(d for d in DTYPES if numpy.dtype(d).name in os.environ[DTYPES_ENV].split(','))
 
 
 class HarnessError(RuntimeError):
@@ -102,7 +110,8 @@ def build(asan=False, kernel_dir=None, source='sce.cu', names=None, options=()):
         raise HarnessError(reason)
     kernel_dir = os.path.abspath(kernel_dir or _kernels.KERNEL_DIR)
     cxx = os.environ.get('CXX', 'g++')
-    flags = COMMON_FLAGS + FLAGS[asan] + ['-DSCE_HARNESS_SOURCE="{}"'.format(source)] + list(options)
+    opt = FLAGS[asan] if asan or not os.environ.get(OPT_ENV) else [os.environ[OPT_ENV]]
+    flags = COMMON_FLAGS + opt + ['-DSCE_HARNESS_SOURCE="{}"'.format(source)] + list(options)
     includes = [HERE, kernel_dir] + include_dirs()[2:]
     digest = hashlib.sha256()
     for path in sorted(glob.glob(os.path.join(kernel_dir, '*.cu*'))) + [
