@@ -234,3 +234,70 @@ def slice_gradient(xp, o, x, y, t, g, label=None, start=0, soft=None):
         e = xp.exp(-2 * xp.abs(x / o.softcap))      # 1 - tanh(u)^2 = 4e / (1 + e)^2, exact at every u
         grad *= 4 * e / ((1 + e) * (1 + e))
     return grad
+
+
+# ---------------------------------------------------------------- probabilities as input (use_softmax=False)
+
+def probability_columns(xp, o, probs, label=None, start=0, soft=None, weight=None):
+    """One slice's partial sums when the inputs are probabilities ``p`` (no softmax): the label's
+    ``log p`` and a 1 from the slice that holds it (hard), or ``sum_k label_k log p_k`` (soft, a
+    zero label adding 0 even at p = 0); ``sum_k log p_k`` for smoothing; the row weight's parts."""
+    K = probs.shape[1]
+    log_p = xp.log(probs)
+    scalars = [float(K)]
+    if o.soft_label:
+        columns = [xp.where(soft == 0, 0, soft * log_p).sum(axis=1)]
+    else:
+        mine, col = owned(xp, label, start, K)
+        columns = [xp.where(mine, _gather(xp, log_p, col), 0) if K else xp.zeros(probs.shape[0], o.acc), mine]
+    if o.label_smoothing:
+        columns.append(log_p.sum(axis=1))
+    if o.weighted:
+        scalars.append(weight.sum())
+        if o.soft_label:
+            columns.append(xp.where(soft == 0, 0, soft * weight).sum(axis=1))
+        else:
+            columns.append(xp.where(mine, weight[col], 0) if K else xp.zeros(probs.shape[0], o.acc))
+    return columns, scalars
+
+
+def n_probability_columns(o):
+    return (1 if o.soft_label else 2) + bool(o.label_smoothing) + bool(o.weighted)
+
+
+def probability_terms(xp, o, sums, scalars, label=None):
+    """The row terms of probabilities: ``ce = -sum_k t_k log p_k`` with ``t = (1 - eps) label + eps / V``
+    (the soft label's sum already carries the ``1 - eps``), the row weight and the masks."""
+    t = Terms()
+    V = t.V = scalars[0]
+    eps = o.label_smoothing
+    if o.soft_label:
+        t.ce = -sums[0]
+        t.ignored = t.bad = None
+    else:
+        t.ignored = label == o.ignore_index
+        t.bad = (~t.ignored) & (sums[1] < 0.5)
+        t.ce = -(1 - eps) * sums[0] if eps else -sums[0]
+    if eps:
+        t.ce = t.ce - (eps / V) * sums[1 if o.soft_label else 2]
+    t.lse = xp.zeros_like(t.ce)                     # no lse: only row_loss's z-loss reads it, and it is 0 here
+    t.w = row_weight(o, sums[-1], scalars, V)
+    return t
+
+
+def probability_gradient(xp, o, probs, t, g, label=None, start=0, soft=None):
+    """d loss / d p on one slice: ``-g t_k / p_k`` (a zero target gives 0 even at p = 0); ``g`` per
+    row is loss_grad times the row weight."""
+    eps = o.label_smoothing
+    if o.soft_label:
+        target = soft + eps / t.V if eps else soft
+        grad = -xp.where(target == 0, 0, target / probs) * g[:, None]
+    else:
+        grad = (-(eps / t.V) / probs) * g[:, None] if eps else xp.zeros_like(probs)
+        mine, col = owned(xp, label, start, probs.shape[1])
+        if probs.shape[1]:
+            on_label = _gather(xp, grad, col) - (1 - eps) / _gather(xp, probs, col) * g
+            xp.put_along_axis(grad, col[:, None], xp.where(mine, on_label, _gather(xp, grad, col))[:, None], axis=1)
+        grad = xp.where(t.ignored[:, None], 0, grad)
+        grad = xp.where(t.bad[:, None], numpy.nan, grad)
+    return grad

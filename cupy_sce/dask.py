@@ -15,7 +15,8 @@ concatenates a row, so memory is a few chunks per worker thread whatever the pro
 
 The functions are those of the array API with its semantics: :func:`forward`, :func:`backward`,
 :func:`forward_backward`, :func:`cross_entropy` (hard or soft labels, ``ignore_index``, class
-weights, label smoothing, z-loss, soft cap, every reduction, any axis; ``use_softmax=True``).
+weights, label smoothing, z-loss, soft cap, every reduction, any axis, ``use_softmax=False`` for
+probabilities as input).
 Results agree with the single-array functions to rounding (the sums are split differently), and
 are the same bits on every scheduler (the merge order is fixed by the graph).  A bad label raises
 ``IndexError`` when the result is computed (unless ``cupy_sce.label_check(False)`` is active
@@ -51,13 +52,14 @@ class _Graph:
     weight chunked like them, the options, and the blockwise index names."""
 
     def __init__(self, logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap,
-                 reduction, logits_name='logits'):
+                 reduction, logits_name='logits', use_softmax=True):
         if not isinstance(logits, da.Array):
             logits = da.asarray(logits)
         _api._check_logits(logits, logits_name)
         p = _api._Problem(numpy, None, None, soft_label, ignore_index, axis, shape=logits.shape, dtype=logits.dtype,
                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logits_name=logits_name)
         self.p = p
+        self.use_softmax = _api._check_use_softmax(use_softmax, p)
         self.reduction = _api._check_reduction(reduction)
         self.check_labels = p.check_labels
         self.x = da.moveaxis(logits, p.axis, -1)                        # (*rows, V)
@@ -117,15 +119,19 @@ def _row_max_chunk(x, o):
 
 
 @_quiet
-def _columns_chunk(x, shift, classes, label, soft, weight, o, backward):
-    """One chunk's partial sums (cupy_sce._split), stacked as (columns, *rows, 1)."""
+def _columns_chunk(x, shift, classes, label, soft, weight, o, mode):
+    """One chunk's partial sums (cupy_sce._split), stacked as (columns, *rows, 1).  ``mode``:
+    'forward', 'backward' (from a stored lse) or 'probs' (probabilities as input)."""
     xp = _xp(x)
-    y = _split.capped(xp, o, _rows(x, o.acc))
+    xr = _rows(x, o.acc)
+    y = xr if mode == 'probs' else _split.capped(xp, o, xr)
     start = int(classes[0]) if classes.size else 0
     label = None if label is None else xp.asarray(label).reshape(-1)
     soft = None if soft is None else _rows(soft, o.acc, xp) * (1 - o.label_smoothing)
     weight = None if weight is None else xp.asarray(weight).astype(o.acc)
-    if backward:
+    if mode == 'probs':
+        columns, _ = _split.probability_columns(xp, o, y, label, start, soft, weight)
+    elif mode == 'backward':
         columns, _ = _split.backward_columns(xp, o, y, label, start, soft, weight)
     else:
         columns, _ = _split.forward_columns(xp, o, y, shift.reshape(-1), label, start, soft, weight)
@@ -143,18 +149,21 @@ def _raise_bad_label(label, bad, block_info, V, ignore_index):
 
 
 @_quiet
-def _terms_chunk(shift, sums, label, lse, o, V, weight_sum, check, block_info=None):
-    """A chunk of rows' terms from the merged sums (forward) or the stored lse (backward), stacked
-    as (_N_TERMS, *rows)."""
+def _terms_chunk(shift, sums, label, lse, o, V, weight_sum, check, mode, block_info=None):
+    """A chunk of rows' terms from the merged sums (forward, probs) or the stored lse (backward),
+    stacked as (_N_TERMS, *rows)."""
     xp = _xp(sums)
     rows = sums.shape[1:]
     flat_sums = [s.reshape(-1) for s in sums]
     scalars = [float(V), weight_sum]
     flat_label = None if label is None else xp.asarray(label).reshape(-1)
-    if lse is None:
-        t = _split.forward_terms(xp, o, shift.reshape(-1), flat_sums, scalars, flat_label)
-    else:
+    if mode == 'probs':
+        t = _split.probability_terms(xp, o, flat_sums, scalars, flat_label)
+        t.log_sum_exp, t.T = t.lse, 0
+    elif mode == 'backward':
         t = _split.backward_terms(xp, o, lse.reshape(-1), flat_sums, scalars, flat_label)
+    else:
+        t = _split.forward_terms(xp, o, shift.reshape(-1), flat_sums, scalars, flat_label)
     if check and t.bad is not None and bool(t.bad.any()):
         _raise_bad_label(label, t.bad, block_info, V, o.ignore_index)
     n = flat_sums[0].shape[0]
@@ -162,7 +171,7 @@ def _terms_chunk(shift, sums, label, lse, o, V, weight_sum, check, block_info=No
     stacked = [t.lse, t.log_sum_exp, getattr(t, 'label_ce', zeros), xp.broadcast_to(xp.asarray(t.T, o.acc), (n,)),
                zeros + 1 if t.w is None else t.w,
                zeros if t.ignored is None else t.ignored, zeros if t.bad is None else t.bad,
-               _split.row_loss(xp, o, t) if lse is None else zeros]
+               zeros if mode == 'backward' else _split.row_loss(xp, o, t)]
     return xp.stack([xp.asarray(v, dtype=o.acc) for v in stacked]).reshape((_N_TERMS,) + rows)
 
 
@@ -177,11 +186,10 @@ def _unstack(terms, o):
 
 
 @_quiet
-def _gradient_chunk(x, terms, g, classes, label, soft, weight, o, V, dtype):
+def _gradient_chunk(x, terms, g, classes, label, soft, weight, o, V, dtype, mode):
     """One chunk's gradient (*rows, K_chunk) from its rows' terms and per-row factor ``g``."""
     xp = _xp(x)
     xr = _rows(x, o.acc)
-    y = _split.capped(xp, o, xr)
     t = _unstack(xp.asarray(terms), o)
     t.V = float(V)
     start = int(classes[0]) if classes.size else 0
@@ -190,7 +198,10 @@ def _gradient_chunk(x, terms, g, classes, label, soft, weight, o, V, dtype):
     g = xp.asarray(g, dtype=o.acc).reshape(-1)
     if t.w is not None:
         g = g * t.w
-    grad = _split.slice_gradient(xp, o, xr, y, t, g, label, start, soft)
+    if mode == 'probs':
+        grad = _split.probability_gradient(xp, o, xr, t, g, label, start, soft)
+    else:
+        grad = _split.slice_gradient(xp, o, xr, _split.capped(xp, o, xr), t, g, label, start, soft)
     return grad.reshape(x.shape).astype(dtype)
 
 
@@ -200,15 +211,16 @@ def _merged_terms(q, lse=None):
     """The per-row terms (_N_TERMS, *rows) as a Dask array: the row max and the sums of every
     chunk's partials, merged by Dask's tree reductions (forward), or from a stored lse (backward)."""
     o, r = q.options, q.rows
-    backward = lse is not None
+    mode = 'backward' if lse is not None else 'forward' if q.use_softmax else 'probs'
     shift = None
-    if not backward:
+    if mode == 'forward':
         shift = da.blockwise(_row_max_chunk, r + ('z',), q.x, r + ('z',), o, None,
                              adjust_chunks={'z': 1}, dtype=o.acc).max(axis=-1)
         shift = shift.map_blocks(lambda m: _split.finite_shift(_xp(m), m), dtype=o.acc)
-    n_columns = _split.n_backward_columns(o) if backward else _split.n_forward_columns(o)
+    n_columns = {'forward': _split.n_forward_columns, 'backward': _split.n_backward_columns,
+                 'probs': _split.n_probability_columns}[mode](o)
     partial = da.blockwise(_columns_chunk, ('c',) + r + ('z',), q.x, r + ('z',),
-                           shift, (r if shift is not None else None), *q.class_args(), o, None, backward, None,
+                           shift, (r if shift is not None else None), *q.class_args(), o, None, mode, None,
                            new_axes={'c': n_columns}, adjust_chunks={'z': 1}, dtype=o.acc)
     sums = partial.sum(axis=-1)                                       # (columns, *rows): the tree reduction
     weight_sum = 0.0 if q.weight is None else q.weight.astype(o.acc).sum()
@@ -216,14 +228,14 @@ def _merged_terms(q, lse=None):
     # map_blocks aligns the trailing (row) axes; the sums' columns axis (one chunk) becomes the terms'
     args = [shift if shift is not None else sums[0], sums, label if label is not None else sums[0],
             lse if lse is not None else sums[0]]
-    return da.map_blocks(_terms_block, *args, weight_sum, o=o, V=q.V, check=q.check_labels, backward=backward,
+    return da.map_blocks(_terms_block, *args, weight_sum, o=o, V=q.V, check=q.check_labels, mode=mode,
                          hard=label is not None, chunks=((_N_TERMS,),) + q.row_chunks, dtype=o.acc)
 
 
-def _terms_block(shift, sums, label, lse, weight_sum, o, V, check, backward, hard, block_info=None):
+def _terms_block(shift, sums, label, lse, weight_sum, o, V, check, mode, hard, block_info=None):
     """map_blocks' function (module level: Dask tokenizes it by name, a closure would be pickled)."""
-    return _terms_chunk(None if backward else shift, sums, label if hard else None, lse if backward else None, o,
-                        V, float(weight_sum), check, block_info)
+    return _terms_chunk(shift if mode == 'forward' else None, sums, label if hard else None,
+                        lse if mode == 'backward' else None, o, V, float(weight_sum), check, mode, block_info)
 
 
 def _loss(q, terms):
@@ -302,28 +314,28 @@ def _row_factor(q, loss_grad):
 def _gradient(q, terms, g):
     o, r, p = q.options, q.rows, q.p
     grad = da.blockwise(_gradient_chunk, r + ('z',), q.x, r + ('z',), terms, ('t',) + r, g, r,
-                        *q.class_args(), o, None, q.V, None, p.dtype, None, concatenate=True, dtype=p.dtype)
+                        *q.class_args(), o, None, q.V, None, p.dtype, None, 'forward' if q.use_softmax else 'probs',
+                        None, concatenate=True, dtype=p.dtype)
     return da.moveaxis(grad, -1, p.axis)
 
 
 # ---------------------------------------------------------------- public functions
 
 def forward(logits, label, soft_label=False, ignore_index=-100, axis=-1, *, weight=None, label_smoothing=0.0,
-            z_loss=0.0, softcap=None, reduction='none'):
-    """``(loss, lse)`` as lazy Dask arrays (see :func:`cupy_sce.forward`)."""
-    q = _Graph(logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction)
+            z_loss=0.0, softcap=None, reduction='none', use_softmax=True):
+    """``(loss, lse)`` as lazy Dask arrays (see :func:`cupy_sce.forward`; ``lse`` is None with
+    ``use_softmax=False``)."""
+    q = _Graph(logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction,
+               use_softmax=use_softmax)
     terms = _merged_terms(q)
-    return _loss(q, terms), da.expand_dims(terms[_LSE], q.p.axis)
+    return _loss(q, terms), (da.expand_dims(terms[_LSE], q.p.axis) if q.use_softmax else None)
 
 
 def cross_entropy(input, label, weight=None, ignore_index=-100, reduction='mean', soft_label=False, axis=-1,
                   use_softmax=True, label_smoothing=0.0, name=None, *, z_loss=0.0, softcap=None):
-    """Paddle's ``cross_entropy`` on a Dask array (see :func:`cupy_sce.cross_entropy`; logits only:
-    ``use_softmax=False`` is a ``ValueError`` here)."""
-    if _api._check_bool('use_softmax', use_softmax) is False:
-        raise ValueError('use_softmax=False (probabilities as input) is not supported on Dask arrays: pass logits')
+    """Paddle's ``cross_entropy`` on a Dask array (see :func:`cupy_sce.cross_entropy`)."""
     q = _Graph(input, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction,
-               'input')
+               'input', use_softmax)
     loss = _loss(q, _merged_terms(q))
     if q.reduction != 'none' or q.p.soft_label or numpy.ndim(label) == len(q.p.shape):
         return loss
@@ -331,19 +343,26 @@ def cross_entropy(input, label, weight=None, ignore_index=-100, reduction='mean'
 
 
 def forward_backward(logits, label, loss_grad=None, soft_label=False, ignore_index=-100, axis=-1, *, weight=None,
-                     label_smoothing=0.0, z_loss=0.0, softcap=None, reduction='none'):
+                     label_smoothing=0.0, z_loss=0.0, softcap=None, reduction='none', use_softmax=True):
     """``(loss, logits_grad)`` as lazy Dask arrays from one merge (see :func:`cupy_sce.forward_backward`)."""
-    q = _Graph(logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction)
+    q = _Graph(logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction,
+               use_softmax=use_softmax)
     terms = _merged_terms(q)
     return _loss(q, terms), _gradient(q, terms, _row_factor(q, loss_grad))
 
 
 def backward(loss_grad, logits, lse, label, soft_label=False, ignore_index=-100, axis=-1, *, weight=None,
-             label_smoothing=0.0, z_loss=0.0, softcap=None, reduction='none'):
+             label_smoothing=0.0, z_loss=0.0, softcap=None, reduction='none', use_softmax=True):
     """The gradient from the ``lse`` that :func:`forward` returned, as a lazy Dask array (see
-    :func:`cupy_sce.backward`)."""
-    q = _Graph(logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction)
+    :func:`cupy_sce.backward`; with ``use_softmax=False`` the gradient w.r.t. the probabilities,
+    ``lse`` unused)."""
+    q = _Graph(logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction,
+               use_softmax=use_softmax)
+    if not q.use_softmax:
+        return _gradient(q, _merged_terms(q), _row_factor(q, loss_grad))
     p = q.p
+    if lse is None:
+        raise ValueError('lse is required (from forward) unless use_softmax=False')
     lse = lse if isinstance(lse, da.Array) else da.asarray(lse)
     if lse.shape not in (p.loss_shape, p.row_shape):
         raise ValueError('lse shape {} must be {} (or {}) for logits of shape {} with axis={}'.format(

@@ -27,8 +27,12 @@ def problems(draw):
     chunks = tuple(draw(st.integers(1, n)) for n in shape)
     dtype = draw(st.sampled_from([numpy.float32, numpy.float64]))
     soft = draw(st.booleans())
+    use_softmax = draw(st.booleans())
     rng = numpy.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
     x = (rng.standard_normal(shape) * 3).astype(dtype)
+    if not use_softmax:  # probabilities as input
+        e = numpy.exp(x - x.max(axis, keepdims=True))
+        x = (e / e.sum(axis, keepdims=True) + 1e-3).astype(dtype)
     row_shape = list(shape)
     row_shape[axis] = 1
     if soft:
@@ -44,11 +48,11 @@ def problems(draw):
         kw['weight'] = (rng.integers(1, 25, K) / 8.0).astype(dtype)
     if draw(st.booleans()):
         kw['label_smoothing'] = draw(st.sampled_from([0.1, 0.5]))
-    if draw(st.booleans()):
+    if use_softmax and draw(st.booleans()):
         kw['z_loss'] = draw(st.sampled_from([1e-4, 0.05]))
-    if draw(st.booleans()):
+    if use_softmax and draw(st.booleans()):
         kw['softcap'] = draw(st.sampled_from([1.5, 15.0]))
-    kw.update(soft_label=soft, axis=axis)
+    kw.update(soft_label=soft, axis=axis, use_softmax=use_softmax)
     return x, label, chunks, kw, draw(st.sampled_from(['none', 'mean', 'sum']))
 
 
@@ -60,7 +64,7 @@ def test_every_function_matches_the_single_array_call(problem):
     dlabel = da.from_array(label, chunks=label.shape) if label.ndim else label
     tol = TOL[x.dtype.type]
     want_loss, want_lse = cupy_sce.forward(x, label, reduction=reduction, **kw)
-    loss_grad = (numpy.random.default_rng(1).uniform(-2, 2, want_lse.shape).astype(x.dtype) if reduction == 'none'
+    loss_grad = (numpy.random.default_rng(1).uniform(-2, 2, want_loss.shape).astype(x.dtype) if reduction == 'none'
                  else 0.75)
     _, want_grad = cupy_sce.forward_backward(x, label, loss_grad, reduction=reduction, **kw)
     with dask.config.set(scheduler='threads'):
@@ -69,6 +73,9 @@ def test_every_function_matches_the_single_array_call(problem):
         lse_grad = sce_dask.backward(loss_grad, dx, lse, dlabel, reduction=reduction, **kw)
         ce = sce_dask.cross_entropy(dx, dlabel, reduction=reduction, **kw)
         loss, lse, fused_loss, grad, lse_grad, ce = dask.compute(loss, lse, fused_loss, grad, lse_grad, ce)
+    if not kw['use_softmax']:
+        assert lse is None and want_lse is None
+        lse = want_lse = numpy.zeros(1)
     want_ce = cupy_sce.cross_entropy(x, label, reduction=reduction, **kw)
     for name, got, want in (('loss', loss, want_loss), ('lse', lse, want_lse), ('fused loss', fused_loss, want_loss),
                             ('grad', grad, want_grad), ('backward', lse_grad, want_grad), ('ce', ce, want_ce)):
@@ -91,8 +98,8 @@ def test_a_bad_label_raises_when_computed():
 def test_bad_arguments():
     x = da.zeros((4, 6), chunks=2)
     label = numpy.zeros(4, numpy.int64)
-    with pytest.raises(ValueError, match='use_softmax=False'):
-        sce_dask.cross_entropy(x, label, use_softmax=False)
+    with pytest.raises(ValueError, match='z_loss and softcap need use_softmax=True'):
+        sce_dask.cross_entropy(x, label, use_softmax=False, z_loss=0.1)
     with pytest.raises(ValueError, match='weight must be a 1-D array of length K=6'):
         sce_dask.forward(x, label, weight=numpy.ones(5))
     with pytest.raises(ValueError, match='label shape'):
