@@ -89,13 +89,22 @@ def forward_columns(xp, o, y, shift, label=None, start=0, soft=None, weight=None
         columns = [e.sum(axis=1), picked, mine]     # the other classes' sum: the label's term left out
     if o.label_smoothing:
         columns.append(rel.sum(axis=1))             # sum_k (y_k - max): the spread, not the offset
-    if o.weighted:
-        scalars.append(weight.sum())
-        if o.soft_label:
-            columns.append(xp.where(soft == 0, 0, soft * weight).sum(axis=1))
-        else:
-            columns.append(xp.where(mine, weight[col], 0) if K else xp.zeros(y.shape[0], o.acc))
+    _add_row_weight_parts(xp, o, columns, scalars, weight, soft, None if o.soft_label else (mine, col))
     return columns, scalars
+
+
+def _add_row_weight_parts(xp, o, columns, scalars, weight, soft, owner):
+    """The row weight's parts of a slice (with class weights): its weights' sum (a scalar) and, per
+    row, the label's class weight where this slice holds the label (``owner``: ``owned``'s pair),
+    or ``sum_k label_k weight_k`` (soft; a class no label touches adds 0, even at weight NaN)."""
+    if not o.weighted:
+        return
+    scalars.append(weight.sum())
+    if o.soft_label:
+        columns.append(xp.where(soft == 0, 0, soft * weight).sum(axis=1))
+    else:
+        mine, col = owner
+        columns.append(xp.where(mine, weight[col], 0) if weight.shape[0] else xp.zeros(mine.shape[0], o.acc))
 
 
 def n_forward_columns(o):
@@ -158,10 +167,7 @@ def backward_columns(xp, o, y, label=None, start=0, soft=None, weight=None):
     else:
         mine, col = owned(xp, label, start, K)
         columns = [mine, xp.where(mine, _gather(xp, y, col), 0) if K else xp.zeros(y.shape[0], o.acc)]
-    if o.weighted:
-        scalars.append(weight.sum())
-        columns.append(xp.where(soft == 0, 0, soft * weight).sum(axis=1) if o.soft_label
-                       else xp.where(mine, weight[col], 0))
+    _add_row_weight_parts(xp, o, columns, scalars, weight, soft, None if o.soft_label else (mine, col))
     return columns, scalars
 
 
@@ -252,12 +258,7 @@ def probability_columns(xp, o, probs, label=None, start=0, soft=None, weight=Non
         columns = [xp.where(mine, _gather(xp, log_p, col), 0) if K else xp.zeros(probs.shape[0], o.acc), mine]
     if o.label_smoothing:
         columns.append(log_p.sum(axis=1))
-    if o.weighted:
-        scalars.append(weight.sum())
-        if o.soft_label:
-            columns.append(xp.where(soft == 0, 0, soft * weight).sum(axis=1))
-        else:
-            columns.append(xp.where(mine, weight[col], 0) if K else xp.zeros(probs.shape[0], o.acc))
+    _add_row_weight_parts(xp, o, columns, scalars, weight, soft, None if o.soft_label else (mine, col))
     return columns, scalars
 
 
