@@ -76,11 +76,14 @@ def forward_columns(xp, o, y, shift, label=None, start=0, soft=None, weight=None
     ``1 - eps``; ``weight``: this slice of the class weights."""
     K = y.shape[1]
     rel = y - shift[:, None]                        # y_k - max <= 0
-    e = xp.exp(rel)
+    # the sums of rel first: the exponentials then overwrite it (one N x K buffer a slice)
+    spread = rel.sum(axis=1) if o.label_smoothing else None  # sum_k (y_k - max): not the offset
+    # a zero target adds 0 even at y = -inf
+    label_dot = xp.where(soft == 0, 0, soft * (-rel)).sum(axis=1) if o.soft_label else None
+    e = xp.exp(rel, out=rel)
     scalars = [float(K)]
     if o.soft_label:
-        # a zero target adds 0 even at y = -inf
-        columns = [e.sum(axis=1), soft.sum(axis=1), xp.where(soft == 0, 0, soft * (-rel)).sum(axis=1)]
+        columns = [e.sum(axis=1), soft.sum(axis=1), label_dot]
     else:
         mine, col = owned(xp, label, start, K)
         picked = xp.where(mine, _gather(xp, y, col), 0)
@@ -88,7 +91,7 @@ def forward_columns(xp, o, y, shift, label=None, start=0, soft=None, weight=None
             xp.put_along_axis(e, col[:, None], xp.where(mine, 0, _gather(xp, e, col))[:, None], axis=1)
         columns = [e.sum(axis=1), picked, mine]     # the other classes' sum: the label's term left out
     if o.label_smoothing:
-        columns.append(rel.sum(axis=1))             # sum_k (y_k - max): the spread, not the offset
+        columns.append(spread)
     _add_row_weight_parts(xp, o, columns, scalars, weight, soft, None if o.soft_label else (mine, col))
     return columns, scalars
 
@@ -216,7 +219,9 @@ def slice_gradient(xp, o, x, y, t, g, label=None, start=0, soft=None):
     term is ``(softmax - 1) s + (s - 1) + (1 - t)`` with ``softmax - 1 = expm1(-(lse - y[label]))``."""
     scale = t.T + 2 * o.z_loss * t.lse if o.z_loss else t.T
     shift = t.lse - t.log_sum_exp
-    grad = xp.exp((y - shift[:, None]) - t.log_sum_exp[:, None])
+    grad = xp.subtract(y, shift[:, None])           # (y - shift) - log_sum_exp: no large lse subtracted
+    grad -= t.log_sum_exp[:, None]
+    xp.exp(grad, out=grad)
     grad *= (scale * g)[:, None]
     eps = o.label_smoothing
     if o.soft_label:
@@ -234,8 +239,10 @@ def slice_gradient(xp, o, x, y, t, g, label=None, start=0, soft=None):
                 term = term + (eps - eps / t.V)
             label_grad = xp.where(mine, term * g, _gather(xp, grad, col))
             xp.put_along_axis(grad, col[:, None], label_grad[:, None], axis=1)
-        grad = xp.where(t.ignored[:, None], 0, grad)
-        grad = xp.where(t.bad[:, None], numpy.nan, grad)
+        if bool(t.ignored.any()):  # selected, not multiplied: an ignored row's logits may be NaN or inf
+            grad = xp.where(t.ignored[:, None], 0, grad)
+        if bool(t.bad.any()):
+            grad = xp.where(t.bad[:, None], numpy.nan, grad)
     if o.softcap is not None:
         e = xp.exp(-2 * xp.abs(x / o.softcap))      # 1 - tanh(u)^2 = 4e / (1 + e)^2, exact at every u
         grad *= 4 * e / ((1 + e) * (1 + e))

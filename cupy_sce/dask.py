@@ -202,7 +202,7 @@ def _gradient_chunk(x, terms, g, classes, label, soft, weight, o, V, dtype, mode
         grad = _split.probability_gradient(xp, o, xr, t, g, label, start, soft)
     else:
         grad = _split.slice_gradient(xp, o, xr, _split.capped(xp, o, xr), t, g, label, start, soft)
-    return grad.reshape(x.shape).astype(dtype)
+    return grad.reshape(x.shape).astype(dtype, copy=False)
 
 
 # ---------------------------------------------------------------- the graph

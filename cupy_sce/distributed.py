@@ -251,7 +251,7 @@ def _row_grad(s, t, loss_grad):
 def _gradient(s, y, t, g):
     grad = _split.slice_gradient(s.xp, s.options, s.x, y, t, g, s.label, s.vocab_start, s.soft)
     p = s.p
-    return s.xp.moveaxis(grad.reshape(p.row_shape + (p.K,)), -1, p.axis).astype(p.dtype)
+    return s.xp.moveaxis(grad.reshape(p.row_shape + (p.K,)), -1, p.axis).astype(p.dtype, copy=False)
 
 
 # ---------------------------------------------------------------- public functions
