@@ -86,7 +86,7 @@ def forward_columns(xp, o, y, shift, label=None, start=0, soft=None, weight=None
         columns = [e.sum(axis=1), soft.sum(axis=1), label_dot]
     else:
         mine, col = owned(xp, label, start, K)
-        picked = xp.where(mine, _gather(xp, y, col), 0)
+        picked = xp.where(mine, _gather(xp, y, col), 0) if K else xp.zeros(y.shape[0], o.acc)
         if K:
             xp.put_along_axis(e, col[:, None], xp.where(mine, 0, _gather(xp, e, col))[:, None], axis=1)
         columns = [e.sum(axis=1), picked, mine]     # the other classes' sum: the label's term left out
@@ -239,13 +239,14 @@ def slice_gradient(xp, o, x, y, t, g, label=None, start=0, soft=None):
                 term = term + (eps - eps / t.V)
             label_grad = xp.where(mine, term * g, _gather(xp, grad, col))
             xp.put_along_axis(grad, col[:, None], label_grad[:, None], axis=1)
-        if bool(t.ignored.any()):  # selected, not multiplied: an ignored row's logits may be NaN or inf
-            grad = xp.where(t.ignored[:, None], 0, grad)
-        if bool(t.bad.any()):
-            grad = xp.where(t.bad[:, None], numpy.nan, grad)
     if o.softcap is not None:
         e = xp.exp(-2 * xp.abs(x / o.softcap))      # 1 - tanh(u)^2 = 4e / (1 + e)^2, exact at every u
         grad *= 4 * e / ((1 + e) * (1 + e))
+    if not o.soft_label:  # last: selected, not multiplied (an ignored row's logits may be NaN or inf)
+        if bool(t.ignored.any()):
+            grad = xp.where(t.ignored[:, None], 0, grad)
+        if bool(t.bad.any()):
+            grad = xp.where(t.bad[:, None], numpy.nan, grad)
     return grad
 
 

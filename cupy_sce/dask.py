@@ -44,7 +44,8 @@ def _rows(block, acc, xp=None):
     """A chunk with the class axis last as (rows, K) in the compute dtype (on ``xp``'s device: a
     label or weight chunk may be a NumPy array beside CuPy logits)."""
     xp = xp or _xp(block)
-    return xp.ascontiguousarray(xp.asarray(block)).reshape(-1, block.shape[-1]).astype(acc, copy=False)
+    rows = int(numpy.prod(block.shape[:-1]))
+    return xp.ascontiguousarray(xp.asarray(block)).reshape(rows, block.shape[-1]).astype(acc, copy=False)
 
 
 class _Graph:
@@ -56,6 +57,9 @@ class _Graph:
         if not isinstance(logits, da.Array):
             logits = da.asarray(logits)
         _api._check_logits(logits, logits_name)
+        if any(numpy.isnan(c) for chunks in logits.chunks for c in chunks):
+            raise ValueError('{} has unknown chunk sizes (after boolean indexing, say): call '
+                             '.compute_chunk_sizes() first'.format(logits_name))
         p = _api._Problem(numpy, None, None, soft_label, ignore_index, axis, shape=logits.shape, dtype=logits.dtype,
                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, logits_name=logits_name)
         self.p = p
@@ -97,6 +101,13 @@ class _Graph:
             self.weight = weight.rechunk((self.class_chunks,))
         self.options = _split.Options(p.soft_label, p.ignore_index, p.label_smoothing, p.z_loss, p.softcap,
                                       p.acc_dtype.name, self.weight is not None)
+        self.empty = p.outer * p.inner == 0
+        self.arrays = [(logits_name, logits), ('label', label), ('weight', weight)]
+
+    def check_float_mix(self, *named):
+        """The array API's rule: beside bfloat16, other floating arrays are bfloat16 or float32."""
+        _dtypes.check_float_mix([(n, a) for n, a in self.arrays + list(named)
+                                 if a is not None and getattr(a, 'ndim', 0)])
 
     def class_args(self):
         """The blockwise arguments a class chunk needs besides the logits: its class indices (the
@@ -211,6 +222,8 @@ def _merged_terms(q, lse=None):
     """The per-row terms (_N_TERMS, *rows) as a Dask array: the row max and the sums of every
     chunk's partials, merged by Dask's tree reductions (forward), or from a stored lse (backward)."""
     o, r = q.options, q.rows
+    if q.empty:  # no rows: nothing to merge (and Dask's max of a zero-size array raises)
+        return da.zeros((_N_TERMS,) + q.p.row_shape, chunks=((_N_TERMS,),) + q.row_chunks, dtype=o.acc)
     mode = 'backward' if lse is not None else 'forward' if q.use_softmax else 'probs'
     shift = None
     if mode == 'forward':
@@ -246,9 +259,20 @@ def _loss(q, terms):
         return da.expand_dims(rows, p.axis).astype(p.dtype)
     total = rows.sum()
     if q.reduction == 'mean':
-        divisor = _divisor(q)
-        total = da.where(divisor == 0, 0, total / da.where(divisor == 0, 1, divisor))
+        total = _mean(total, _divisor(q))
     return total.astype(p.dtype)
+
+
+def _mean(total, divisor):
+    """``total / divisor``, 0 where the divisor is 0, on the total's device (the divisor comes from
+    the labels, which may be host arrays beside CuPy logits)."""
+    return da.blockwise(_mean_block, (), total, (), divisor, (), dtype=total.dtype)
+
+
+def _mean_block(total, divisor):
+    xp = _xp(total)
+    divisor = xp.asarray(divisor, dtype=total.dtype)
+    return xp.where(divisor == 0, xp.zeros((), total.dtype), total / xp.where(divisor == 0, 1, divisor))
 
 
 def _divisor(q):
@@ -304,10 +328,13 @@ def _row_factor(q, loss_grad):
     if loss_grad is not None and numpy.ndim(loss_grad) != 0:
         raise ValueError("loss_grad must be a scalar (a number or a 0-d array) with reduction={!r}, got shape "
                          "{}".format(q.reduction, numpy.shape(loss_grad)))
+    if loss_grad is not None:
+        kind = numpy.asarray(loss_grad).dtype
+        if kind.kind not in 'fiu' and not _dtypes.is_float(kind):
+            raise TypeError('loss_grad must be a real number, got dtype {}'.format(kind))
     scalar = da.asarray(numpy.asarray(1.0 if loss_grad is None else loss_grad, dtype=acc))
     if q.reduction == 'mean':
-        divisor = _divisor(q)
-        scalar = da.where(divisor == 0, 0, scalar / da.where(divisor == 0, 1, divisor))
+        scalar = _mean(scalar, _divisor(q))
     return da.broadcast_to(scalar, p.row_shape, chunks=q.row_chunks)
 
 
@@ -327,6 +354,7 @@ def forward(logits, label, soft_label=False, ignore_index=-100, axis=-1, *, weig
     ``use_softmax=False``)."""
     q = _Graph(logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction,
                use_softmax=use_softmax)
+    q.check_float_mix()
     terms = _merged_terms(q)
     return _loss(q, terms), (da.expand_dims(terms[_LSE], q.p.axis) if q.use_softmax else None)
 
@@ -336,6 +364,7 @@ def cross_entropy(input, label, weight=None, ignore_index=-100, reduction='mean'
     """Paddle's ``cross_entropy`` on a Dask array (see :func:`cupy_sce.cross_entropy`)."""
     q = _Graph(input, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction,
                'input', use_softmax)
+    q.check_float_mix()
     loss = _loss(q, _merged_terms(q))
     if q.reduction != 'none' or q.p.soft_label or numpy.ndim(label) == len(q.p.shape):
         return loss
@@ -347,6 +376,7 @@ def forward_backward(logits, label, loss_grad=None, soft_label=False, ignore_ind
     """``(loss, logits_grad)`` as lazy Dask arrays from one merge (see :func:`cupy_sce.forward_backward`)."""
     q = _Graph(logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction,
                use_softmax=use_softmax)
+    q.check_float_mix(('loss_grad', loss_grad))
     terms = _merged_terms(q)
     return _loss(q, terms), _gradient(q, terms, _row_factor(q, loss_grad))
 
@@ -358,6 +388,7 @@ def backward(loss_grad, logits, lse, label, soft_label=False, ignore_index=-100,
     ``lse`` unused)."""
     q = _Graph(logits, label, soft_label, ignore_index, axis, weight, label_smoothing, z_loss, softcap, reduction,
                use_softmax=use_softmax)
+    q.check_float_mix(('loss_grad', loss_grad), ('lse', lse))
     if not q.use_softmax:
         return _gradient(q, _merged_terms(q), _row_factor(q, loss_grad))
     p = q.p

@@ -116,6 +116,7 @@ class _Shard:
         xp, (local_logits, label, weight) = _api._as_arrays(
             [('local_logits', local_logits), ('label', label), ('weight', weight)])
         self.xp = xp
+        self.local_logits = local_logits
         self.comm = _communicator(comm)
         _api._check_logits(local_logits, 'local_logits')
         # the option checks of one device, on the local shape (K_r classes; at least one a rank)
@@ -173,6 +174,12 @@ class _Shard:
         n = self.n_rows
         return [total[i * n:(i + 1) * n] for i in range(len(columns))], [total[len(columns) * n + i]
                                                                           for i in range(len(scalars))]
+
+    def check_float_mix(self, name, array):
+        """The array API's rule for an array that arrives apart (loss_grad, lse): beside bfloat16
+        logits, float32 or bfloat16 only."""
+        if array.ndim:
+            _dtypes.check_float_mix([('local_logits', self.local_logits), (name, array)])
 
     def check_labels(self, t):
         """A row whose hard label no rank holds (outside [0, V)) is an IndexError on every rank (all
@@ -233,12 +240,15 @@ def _row_grad(s, t, loss_grad):
     acc = p.acc_dtype
     if loss_grad is not None:
         _, (loss_grad,) = _api._as_arrays([('loss_grad', loss_grad)])
+        s.check_float_mix('loss_grad', loss_grad)
     if s.reduction == 'none':
         g = xp.ones(s.n_rows, acc) if loss_grad is None else p.row_array(loss_grad, 'loss_grad', acc).reshape(-1)
     else:
         if loss_grad is not None and loss_grad.ndim != 0:
             raise ValueError("loss_grad must be a scalar with reduction={!r}, got shape {}".format(
                 s.reduction, loss_grad.shape))
+        if loss_grad is not None and loss_grad.dtype.kind not in 'fiu' and not _dtypes.is_float(loss_grad.dtype):
+            raise TypeError('loss_grad must be a real number, got dtype {}'.format(loss_grad.dtype))
         scalar = xp.asarray(1 if loss_grad is None else loss_grad, dtype=acc)
         if s.reduction == 'mean':
             divisor = _split.counted_weight(xp, s.options, t).sum()
@@ -290,6 +300,7 @@ def vocab_parallel_backward(loss_grad, local_logits, lse, label, vocab_start, co
     s = _Shard(local_logits, label, vocab_start, comm, ignore_index, soft_label, weight, label_smoothing, z_loss,
                softcap, reduction, axis)
     _, (lse,) = _api._as_arrays([('lse', lse)])
+    s.check_float_mix('lse', lse)
     lse_rows = s.p.row_array(lse, 'lse', s.p.acc_dtype).reshape(-1)
     y, t = _backward_terms(s, lse_rows)
     return _gradient(s, y, t, _row_grad(s, t, loss_grad))

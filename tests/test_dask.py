@@ -165,3 +165,34 @@ def test_cupy_chunks_on_a_gpu():
     want_loss, want_grad = cupy_sce.forward_backward(x, label, **kw)
     numpy.testing.assert_allclose(cupy.asnumpy(loss), want_loss, **TOL[numpy.float32])
     numpy.testing.assert_allclose(cupy.asnumpy(grad), want_grad, **TOL[numpy.float32])
+
+
+def test_edge_cases_and_the_bfloat16_rule():
+    """Review findings: no rows; a class chunk of width 0; an ignored row of NaN logits under a soft
+    cap (gradient 0, not NaN); unknown chunk sizes; the array API's bfloat16 rule and scalar checks."""
+    import ml_dtypes
+    for reduction, want in (('none', (0, 1)), ('mean', ()), ('sum', ())):
+        loss, grad = dask.compute(*sce_dask.forward_backward(
+            da.from_array(numpy.zeros((0, 10), numpy.float32), chunks=(2, 3)), numpy.zeros(0, int),
+            reduction=reduction), scheduler='sync')
+        assert loss.shape == want and grad.shape == (0, 10) and (loss.size == 0 or loss == 0)
+    x = numpy.random.default_rng(7).standard_normal((4, 6)).astype(numpy.float32)
+    label = numpy.array([0, 1, 2, 3])
+    grad = sce_dask.forward_backward(da.from_array(x, chunks=((2, 2), (3, 0, 3))), label)[1].compute(scheduler='sync')
+    numpy.testing.assert_allclose(grad, cupy_sce.forward_backward(x, label)[1], **TOL[numpy.float32])
+    nan_row = numpy.array([[numpy.nan, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    grad = sce_dask.forward_backward(da.from_array(nan_row, chunks=(1, 2)), numpy.array([-100, 0]), softcap=5.0)[1]
+    numpy.testing.assert_array_equal(grad.compute(scheduler='sync')[0], 0)
+    dx = da.from_array(x, chunks=(2, 3))
+    with pytest.raises(ValueError, match='unknown chunk sizes'):
+        sce_dask.forward(dx[dx[:, 0] > 0], label)
+    bx = da.from_array(x.astype(ml_dtypes.bfloat16), chunks=(2, 3))
+    for message, call in (
+            ('logits is bfloat16 but weight is float64', lambda: sce_dask.forward(bx, label, weight=numpy.ones(6))),
+            ('logits is bfloat16 but loss_grad is float64',
+             lambda: sce_dask.forward_backward(bx, label, numpy.ones((4, 1)))),
+            ('logits is bfloat16 but lse is float64', lambda: sce_dask.backward(None, bx, numpy.zeros(4), label)),
+            ('loss_grad must be a real number, got dtype bool',
+             lambda: sce_dask.forward_backward(dx, label, True, reduction='mean'))):
+        with pytest.raises(TypeError, match=message):
+            call()

@@ -88,6 +88,10 @@ def test_one_rank_is_the_single_array_call_and_inputs_stay(comm):
     numpy.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=1e-7)
     for a, b in zip((x, label, weight), before):
         numpy.testing.assert_array_equal(a, b)
+    # an ignored row of NaN logits under a soft cap: gradient 0 (the slope is applied before the masks)
+    nan_row = numpy.array([[numpy.nan, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    grad = distributed.vocab_parallel_forward_backward(nan_row, numpy.array([-100, 0]), 0, comm, softcap=5.0)[1]
+    numpy.testing.assert_array_equal(grad[0], 0)
 
 
 def test_bfloat16_shards(comm):
@@ -124,6 +128,12 @@ def test_bad_arguments_name_the_argument(comm):
          lambda: f(x, numpy.array([0, 4, 1]), 0, comm)),
         (ValueError, 'loss_grad must be a scalar', lambda: distributed.vocab_parallel_forward_backward(
             x, label, 0, comm, numpy.ones(3), reduction='mean')),
+        (TypeError, 'loss_grad must be a real number, got dtype bool',
+         lambda: distributed.vocab_parallel_forward_backward(x, label, 0, comm, True, reduction='mean')),
+        (TypeError, 'local_logits is bfloat16 but loss_grad is float64', lambda: distributed.vocab_parallel_forward_backward(
+            x.astype(BFLOAT16), label, 0, comm, numpy.ones((3, 1)))),
+        (TypeError, 'local_logits is bfloat16 but lse is float64', lambda: distributed.vocab_parallel_backward(
+            None, x.astype(BFLOAT16), numpy.zeros(3), label, 0, comm)),
     ]
     for exc, message, call in cases:
         with pytest.raises(exc, match=message):
