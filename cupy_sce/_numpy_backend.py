@@ -436,7 +436,8 @@ def _row_sums(exp_shift, sums, labels, dtype_char):
     if labels is None:
         return _RowSums(exp_shift, log_tile_sum, sums.tile_sum)
     relative = labels.picked - exp_shift
-    far = relative < log_tile_sum - _EXP_HEADROOM[dtype_char]
+    # (a label logit of -inf is far too: in a row of -inf its shift would make lse NaN, not -inf)
+    far = (relative < log_tile_sum - _EXP_HEADROOM[dtype_char]) | (relative == -numpy.inf)
     if not far.any():  # the usual tile: no selects (tiny K makes these row passes count)
         others = numpy.exp(numpy.negative(relative, out=relative), out=relative)
         others *= sums.others

@@ -151,6 +151,11 @@ def test_minus_inf_logit(backend):
     assert sm[0, 1] == 0 and sm[1, 1] == 0
     grad = backend(cupy_sce.forward_backward, x, label)[1]
     assert numpy.isfinite(grad).all()
+    # a row of -inf: lse -inf and loss NaN (README, Stability), with a hard or a soft label
+    x = numpy.full((2, 3), -numpy.inf, numpy.float32)
+    for label, soft in ((numpy.array([[1], [0]]), False), (numpy.full((2, 3), 1 / 3, numpy.float32), True)):
+        loss, lse = backend(cupy_sce.forward, x, label, soft_label=soft)
+        assert (lse == -numpy.inf).all() and numpy.isnan(loss).all(), (soft, loss, lse)
 
 
 @pytest.mark.parametrize('bad', [numpy.nan, numpy.inf])
