@@ -240,25 +240,33 @@ class _Problem:
         self.features = _kernels.feature_bits(self.weight is not None, self.label_smoothing != 0,
                                               self.z_loss != 0, self.softcap is not None)
 
-    def _canonical_label(self, label, name):
-        xp = self.xp
+    def check_label(self, label, name='label', logits_name='logits'):
+        """The label's dtype and shape: floating and the logits' shape (soft), or integer and the
+        loss shape or the row shape (hard).  Also for labels this class does not convert (a Dask
+        array, a rank's global indices)."""
         if self.soft_label:
             if not _dtypes.is_float(label.dtype):
                 raise TypeError('{} must be a floating array when soft_label=True, got {}'.format(
                     name, label.dtype))
             if label.shape != self.shape:
-                raise ValueError('{} shape {} must equal logits shape {} when soft_label=True'.format(
-                    name, label.shape, self.shape))
-            return xp.ascontiguousarray(label, dtype=self.acc_dtype).reshape(
-                self.outer, self.K, self.inner)
+                raise ValueError('{} shape {} must equal {} shape {} when soft_label=True'.format(
+                    name, label.shape, logits_name, self.shape))
+            return
         if label.dtype.kind not in 'iu':
             raise TypeError(
                 '{} must be an integer array when soft_label=False, got {} (pass soft_label=True for '
                 'probabilities)'.format(name, label.dtype))
         if label.shape not in (self.loss_shape, self.row_shape):
             raise ValueError(
-                '{} shape {} does not match logits shape {} with axis={}: expected {} or {}'.format(
-                    name, label.shape, self.shape, self.axis, self.loss_shape, self.row_shape))
+                '{} shape {} does not match {} shape {} with axis={}: expected {} or {}'.format(
+                    name, label.shape, logits_name, self.shape, self.axis, self.loss_shape, self.row_shape))
+
+    def _canonical_label(self, label, name):
+        xp = self.xp
+        self.check_label(label, name)
+        if self.soft_label:
+            return xp.ascontiguousarray(label, dtype=self.acc_dtype).reshape(
+                self.outer, self.K, self.inner)
         # int32 and int64 are the two label types the kernels are instantiated for; uint32 and
         # uint64 need the wider type to keep their values.
         label_dtype = numpy.int32 if label.dtype.itemsize < 4 or label.dtype == numpy.int32 \
@@ -274,12 +282,16 @@ class _Problem:
 
     def row_array(self, value, name, dtype):
         """``value`` of the loss shape (or that shape without the axis) as (outer, inner)."""
+        self.check_row_array(value, name)
+        return self.xp.ascontiguousarray(value, dtype=dtype).reshape(self.outer, self.inner)
+
+    def check_row_array(self, value, name):
+        """A per-row array (loss_grad, lse): floating, the loss shape or that shape without the axis."""
         if not _dtypes.is_float(value.dtype):
             raise TypeError('{} must be a floating array, got {}'.format(name, value.dtype))
         if value.shape not in (self.loss_shape, self.row_shape):
             raise ValueError('{} shape {} must be {} (or {}) for logits of shape {} with axis={}'.format(
                 name, value.shape, self.loss_shape, self.row_shape, self.shape, self.axis))
-        return self.xp.ascontiguousarray(value, dtype=dtype).reshape(self.outer, self.inner)
 
     def loss_grad_rows(self, loss_grad):
         """``loss_grad`` as (outer, inner) in the compute dtype; None (ones) stays None."""
@@ -433,17 +445,23 @@ def _row_loss_grad(p, loss_grad, reduction):
     return _reduced_loss_grad(p, loss_grad, reduction)
 
 
+def check_scalar_loss_grad(loss_grad, reduction):
+    """With reduction 'mean' or 'sum', ``loss_grad`` (an array, or anything with ``ndim`` and
+    ``dtype``) is a real scalar."""
+    if loss_grad.ndim != 0:
+        raise ValueError("loss_grad must be a scalar (a number or a 0-d array) with reduction={!r}, got "
+                         "shape {}".format(reduction, loss_grad.shape))
+    if loss_grad.dtype.kind not in 'fiu' and not _dtypes.is_float(loss_grad.dtype):
+        raise TypeError('loss_grad must be a real number, got dtype {}'.format(loss_grad.dtype))
+
+
 @_quiet
 def _reduced_loss_grad(p, loss_grad, reduction):
     xp, acc = p.xp, p.acc_dtype
     if loss_grad is None:
         g = xp.ones((), acc)
     else:
-        if loss_grad.ndim != 0:
-            raise ValueError("loss_grad must be a scalar (a number or a 0-d array) with reduction={!r}, got "
-                             "shape {}".format(reduction, loss_grad.shape))
-        if loss_grad.dtype.kind not in 'fiu' and not _dtypes.is_float(loss_grad.dtype):
-            raise TypeError('loss_grad must be a real number, got dtype {}'.format(loss_grad.dtype))
+        check_scalar_loss_grad(loss_grad, reduction)
         g = loss_grad.astype(acc)
     if reduction == 'mean':
         g = _per_mean_divisor(p, g)

@@ -24,9 +24,7 @@ import typing
 
 import numpy
 
-# exp(EXP_HEADROOM) stays finite: a label logit further than this below the lse takes
-# lse - y[label] (a large loss, no cancellation) instead of log1p(others * exp(shift - y[label]))
-EXP_HEADROOM = {'float32': 80.0, 'float64': 700.0}
+from cupy_sce._numpy_backend import _EXP_HEADROOM  # by dtype char, as the kernels' exp_headroom
 
 
 class Options(typing.NamedTuple):
@@ -138,7 +136,8 @@ def forward_terms(xp, o, shift, sums, scalars, label=None):
         t.log_sum_exp = xp.log(total)
         # lse - y[label] = log1p(sum_{k != label} exp(y_k - y[label])): exact for a confident
         # prediction; a label far below the lse (the factor would overflow) takes the difference
-        near = label_rel >= t.log_sum_exp - EXP_HEADROOM[o.acc]
+        # (a label logit further than the headroom below the lse: the factor would overflow)
+        near = label_rel >= t.log_sum_exp - _EXP_HEADROOM[numpy.dtype(o.acc).char]
         t.label_ce = xp.where(near, xp.log1p(others * xp.exp(-xp.where(near, label_rel, 0))),
                               t.log_sum_exp - label_rel)
         t.T = 1
@@ -205,6 +204,13 @@ def row_loss(xp, o, t):
         loss = xp.where(t.ignored, 0, loss)
         loss = xp.where(t.bad, numpy.nan, loss)
     return loss
+
+
+def divided(xp, value, divisor):
+    """``value / divisor`` for reduction='mean', 0 where the divisor is 0 (every row ignored, or
+    weights summing to 0), on ``value``'s device."""
+    divisor = xp.asarray(divisor, dtype=value.dtype)
+    return xp.where(divisor == 0, xp.zeros((), value.dtype), value / xp.where(divisor == 0, 1, divisor))
 
 
 def counted_weight(xp, o, t):

@@ -73,22 +73,11 @@ class _Graph:
         self.classes = da.arange(p.K, chunks=(self.class_chunks,), dtype=numpy.int64)
         self.V = p.K
         self.label = self.soft = None
+        label = label if isinstance(label, da.Array) else da.asarray(label)
+        p.check_label(label)
         if p.soft_label:
-            label = label if isinstance(label, da.Array) else da.asarray(label)
-            if not _dtypes.is_float(label.dtype):
-                raise TypeError('label must be a floating array when soft_label=True, got {}'.format(label.dtype))
-            if label.shape != p.shape:
-                raise ValueError('label shape {} must equal logits shape {} when soft_label=True'.format(
-                    label.shape, p.shape))
             self.soft = da.moveaxis(label, p.axis, -1).rechunk(self.x.chunks)
         else:
-            label = label if isinstance(label, da.Array) else da.asarray(label)
-            if label.dtype.kind not in 'iu':
-                raise TypeError('label must be an integer array when soft_label=False, got {} (pass '
-                                'soft_label=True for probabilities)'.format(label.dtype))
-            if label.shape not in (p.loss_shape, p.row_shape):
-                raise ValueError('label shape {} does not match logits shape {} with axis={}: expected {} or {}'.format(
-                    label.shape, p.shape, p.axis, p.loss_shape, p.row_shape))
             self.label = label.reshape(p.row_shape).astype(numpy.int64).rechunk(self.row_chunks)
         self.weight = None
         if weight is not None:
@@ -270,9 +259,7 @@ def _mean(total, divisor):
 
 
 def _mean_block(total, divisor):
-    xp = _xp(total)
-    divisor = xp.asarray(divisor, dtype=total.dtype)
-    return xp.where(divisor == 0, xp.zeros((), total.dtype), total / xp.where(divisor == 0, 1, divisor))
+    return _split.divided(_xp(total), total, divisor)
 
 
 def _divisor(q):
@@ -319,19 +306,11 @@ def _row_factor(q, loss_grad):
         if loss_grad is None:
             return da.ones(p.row_shape, dtype=acc, chunks=q.row_chunks)
         loss_grad = loss_grad if isinstance(loss_grad, da.Array) else da.asarray(loss_grad)
-        if not _dtypes.is_float(loss_grad.dtype):
-            raise TypeError('loss_grad must be a floating array, got {}'.format(loss_grad.dtype))
-        if loss_grad.shape not in (p.loss_shape, p.row_shape):
-            raise ValueError('loss_grad shape {} must be {} (or {}) for logits of shape {} with axis={}'.format(
-                loss_grad.shape, p.loss_shape, p.row_shape, p.shape, p.axis))
+        p.check_row_array(loss_grad, 'loss_grad')
         return loss_grad.reshape(p.row_shape).astype(acc).rechunk(q.row_chunks)
-    if loss_grad is not None and numpy.ndim(loss_grad) != 0:
-        raise ValueError("loss_grad must be a scalar (a number or a 0-d array) with reduction={!r}, got shape "
-                         "{}".format(q.reduction, numpy.shape(loss_grad)))
     if loss_grad is not None:
-        kind = numpy.asarray(loss_grad).dtype
-        if kind.kind not in 'fiu' and not _dtypes.is_float(kind):
-            raise TypeError('loss_grad must be a real number, got dtype {}'.format(kind))
+        loss_grad = loss_grad if isinstance(loss_grad, da.Array) else numpy.asarray(loss_grad)
+        _api.check_scalar_loss_grad(loss_grad, q.reduction)
     scalar = da.asarray(numpy.asarray(1.0 if loss_grad is None else loss_grad, dtype=acc))
     if q.reduction == 'mean':
         scalar = _mean(scalar, _divisor(q))
@@ -395,9 +374,7 @@ def backward(loss_grad, logits, lse, label, soft_label=False, ignore_index=-100,
     if lse is None:
         raise ValueError('lse is required (from forward) unless use_softmax=False')
     lse = lse if isinstance(lse, da.Array) else da.asarray(lse)
-    if lse.shape not in (p.loss_shape, p.row_shape):
-        raise ValueError('lse shape {} must be {} (or {}) for logits of shape {} with axis={}'.format(
-            lse.shape, p.loss_shape, p.row_shape, p.shape, p.axis))
+    p.check_row_array(lse, 'lse')
     lse = lse.reshape(p.row_shape).astype(p.acc_dtype).rechunk(q.row_chunks)
     terms = _merged_terms(q, lse)
     return _gradient(q, terms, _row_factor(q, loss_grad))

@@ -133,22 +133,12 @@ class _Shard:
         self.x = xp.ascontiguousarray(xp.moveaxis(local_logits, p.axis, -1)).reshape(-1, K).astype(acc, copy=False)
         self.n_rows = self.x.shape[0]
         self.soft = self.label = None
+        p.check_label(label, logits_name='local_logits')
         if p.soft_label:
-            if not _dtypes.is_float(label.dtype):
-                raise TypeError('label must be a floating array when soft_label=True, got {}'.format(label.dtype))
-            if label.shape != p.shape:
-                raise ValueError('label shape {} must equal local_logits shape {} when soft_label=True'.format(
-                    label.shape, p.shape))
             self.soft = xp.ascontiguousarray(xp.moveaxis(label, p.axis, -1)).reshape(-1, K).astype(acc)
             if p.label_smoothing:
                 self.soft = (1 - p.label_smoothing) * self.soft  # + eps / V once V is known
         else:
-            if label.dtype.kind not in 'iu':
-                raise TypeError('label must be an integer array when soft_label=False, got {} (pass '
-                                'soft_label=True for probabilities)'.format(label.dtype))
-            if label.shape not in (p.loss_shape, p.row_shape):
-                raise ValueError('label shape {} does not match local_logits shape {} with axis={}: expected {} '
-                                 'or {}'.format(label.shape, p.shape, p.axis, p.loss_shape, p.row_shape))
             self.label = label.reshape(p.row_shape).astype(numpy.int64).reshape(-1)
         self.weight = None
         if weight is not None:
@@ -229,9 +219,15 @@ def _reduced(s, t, rows):
         return rows.reshape(p.loss_shape).astype(p.dtype)
     total = rows.sum()
     if s.reduction == 'mean':
-        divisor = _split.counted_weight(xp, s.options, t).sum()
-        total = xp.where(divisor == 0, 0, total / xp.where(divisor == 0, 1, divisor))
+        total = _split.divided(xp, total, _mean_divisor(s, t))
     return xp.asarray(total).astype(p.dtype)
+
+
+def _mean_divisor(s, t):
+    """reduction='mean''s divisor, once per call (the loss and the gradient of a fused call share it)."""
+    if getattr(t, 'divisor', None) is None:
+        t.divisor = _split.counted_weight(s.xp, s.options, t).sum()
+    return t.divisor
 
 
 def _row_grad(s, t, loss_grad):
@@ -244,15 +240,11 @@ def _row_grad(s, t, loss_grad):
     if s.reduction == 'none':
         g = xp.ones(s.n_rows, acc) if loss_grad is None else p.row_array(loss_grad, 'loss_grad', acc).reshape(-1)
     else:
-        if loss_grad is not None and loss_grad.ndim != 0:
-            raise ValueError("loss_grad must be a scalar with reduction={!r}, got shape {}".format(
-                s.reduction, loss_grad.shape))
-        if loss_grad is not None and loss_grad.dtype.kind not in 'fiu' and not _dtypes.is_float(loss_grad.dtype):
-            raise TypeError('loss_grad must be a real number, got dtype {}'.format(loss_grad.dtype))
+        if loss_grad is not None:
+            _api.check_scalar_loss_grad(loss_grad, s.reduction)
         scalar = xp.asarray(1 if loss_grad is None else loss_grad, dtype=acc)
         if s.reduction == 'mean':
-            divisor = _split.counted_weight(xp, s.options, t).sum()
-            scalar = xp.where(divisor == 0, 0, scalar / xp.where(divisor == 0, 1, divisor))
+            scalar = _split.divided(xp, scalar, _mean_divisor(s, t))
         g = xp.broadcast_to(scalar, (s.n_rows,))
     return g * t.w if t.w is not None else g
 

@@ -21,14 +21,15 @@ import pytest
 
 import cupy_sce
 from cupy_sce import testing
+from cupy_sce.testing import harness as _harness
 from reference import reference, reference_family
 
 BFLOAT16 = ml_dtypes.bfloat16
 DTYPES = (numpy.float16, BFLOAT16, numpy.float32, numpy.float64)
 HALF_DTYPES = (numpy.float16, BFLOAT16)  # 16-bit logits, computed in float32
-if os.environ.get('CUPY_SCE_HARNESS_DTYPES'):  # a probe whose harness holds fewer dtypes (test_mutations)
-    DTYPES, HALF_DTYPES = ([d for d in group if numpy.dtype(d).name in os.environ['CUPY_SCE_HARNESS_DTYPES'].split(',')]
-                           for group in (DTYPES, HALF_DTYPES))
+if os.environ.get(_harness.DTYPES_ENV):  # a probe whose harness holds fewer dtypes (test_mutations)
+    _held = {numpy.dtype(d).name for d in _harness.DTYPES}
+    DTYPES, HALF_DTYPES = ([d for d in group if numpy.dtype(d).name in _held] for group in (DTYPES, HALF_DTYPES))
 finfo = ml_dtypes.finfo  # numpy.finfo does not know bfloat16
 
 
