@@ -67,11 +67,15 @@ def rows_name(dtype, label_type, op, features, vec, cache_row=False):
 
 
 CLUSTER_SIZES = (2, 4, 8)  # thread block clusters of cupy_sce_rows_cluster (8: the portable maximum)
+# Clusters whose CTAs re-read their segment in pass 2 (no row cache): the featureless fused
+# forward+backward of hard labels, where a row is too long for shared memory.
+REREAD_CLUSTER_SIZES = (2, 4)
+REREAD_OPS = ('forward_backward',)
 
 
-def cluster_name(dtype, label_type, op, features, vec, cluster):
-    return 'cupy_sce_rows_cluster<{}, {}, {}, {}, {}, {}>'.format(
-        cuda_type(dtype), label_type, OPS[op], int(features), vec, cluster)
+def cluster_name(dtype, label_type, op, features, vec, cluster, cache_row=True):
+    return 'cupy_sce_rows_cluster<{}, {}, {}, {}, {}, {}, {}>'.format(
+        cuda_type(dtype), label_type, OPS[op], int(features), vec, cluster, 'true' if cache_row else 'false')
 
 
 def _template_args(name):
@@ -82,7 +86,7 @@ def cluster_size(name):
     """CTAs per thread block cluster of the kernel ``name`` (1 for kernels without clusters)."""
     if not name.startswith('cupy_sce_rows_cluster<'):
         return 1
-    return int(_template_args(name)[-1])
+    return int(_template_args(name)[5])
 
 
 def module_key(name):
@@ -110,7 +114,8 @@ def label_types(dtype):
 def name_expressions(dtype):
     """Every instantiation the backend can launch for logits of ``dtype``: per operation, label
     type, feature set (FEATURE_OPS: all 16; the others none), VEC (1 and 16 bytes) and row cache;
-    the cluster kernels for the featureless ops that cache; the building blocks."""
+    the cluster kernels for the featureless ops that cache, and the re-reading ones (REREAD_OPS);
+    the building blocks."""
     vecs = (1, vector_width(dtype))
     names = []
     for op in OPS:
@@ -122,6 +127,9 @@ def name_expressions(dtype):
         for lt in label_types(dtype):
             if op != 'lse' and _cacheable(op, lt):
                 names += [cluster_name(dtype, lt, op, 0, v, c) for v in vecs for c in CLUSTER_SIZES]
+    for op in REREAD_OPS:
+        for lt in LABEL_TYPE.values():
+            names += [cluster_name(dtype, lt, op, 0, v, c, False) for v in vecs for c in REREAD_CLUSTER_SIZES]
     names += [row_max_name(dtype, v) for v in vecs]
     names += [gather_name(dtype, lt) for lt in LABEL_TYPE.values()]
     return names
@@ -171,6 +179,7 @@ TUNING_KNOBS = {
     'prefetch': ('-DSCE_PREFETCH=1',),  # issue the next step's loads before this step's arithmetic
     'exp2 ftz': ('-DSCE_EXP2_FTZ=1',),  # ex2.approx.ftz: no subnormal fix-up
     'unroll 8': ('-DSCE_UNROLL=8',),    # 8 loads of 16 bytes in flight per thread, not 4
+    'lean pass 1': ('-DSCE_LEAN_PASS1=1',),  # the label tested per chunk, a partial sum per chunk
 }
 
 

@@ -29,12 +29,23 @@ VARIANTS = [
     ('default', (), {}),
     ('clusters', (), {(_cupy_backend, 'USE_CLUSTERS'): True}),
 ] + [(knob, options, {}) for knob, options in _kernels.TUNING_KNOBS.items()] + [
+    ('lean pass 1 + exp2 ftz', ('-DSCE_LEAN_PASS1=1', '-DSCE_EXP2_FTZ=1'), {}),
+    ('clusters: re-read 2', (), {(_cupy_backend, 'CLUSTER_REREAD'): 2}),
+    ('clusters: re-read 4', (), {(_cupy_backend, 'CLUSTER_REREAD'): 4}),
+    ('clusters: re-read 4 x 512', (), {(_cupy_backend, 'CLUSTER_REREAD'): 4, (_cupy_backend, 'REREAD_BLOCK'): 512}),
+    ('clusters x 512', (), {(_cupy_backend, 'USE_CLUSTERS'): True, (_cupy_backend, 'CLUSTER_BLOCK'): 512}),
+    # one CTA of 1024 threads per row, caching rows up to the opt-in maximum (K = 32000 float32)
+    ('row cache 227 KiB x 1024', (), {(_cupy_backend, 'SHARED_LIMIT'): 227 * 1024,
+                                      (_cupy_backend, 'GROUP_TABLE'): ((512, None), (1024, 32), (float('inf'), 1024))}),
+    ('rows block 512', (), {(_cupy_backend, 'ROWS_BLOCK'): 512}),
+    ('8 chunks a thread', (), {(_cupy_backend, 'CHUNKS_PER_THREAD'): 8}),
     ('columns: 4 warps', (), {(_cupy_backend, 'COLUMN_SLICES'): 4}),
     ('columns: 16 warps', (), {(_cupy_backend, 'COLUMN_SLICES'): 16}),
     ('columns: off', (), {(_cupy_backend, 'COLUMN_SLICES'): 1}),
 ]
 CASES = [  # (name, shape, class axis, dtype)
     ('8192x128256', (8192, 128256), -1, numpy.float32), ('8192x128256', (8192, 128256), -1, numpy.float16),
+    ('8192x128256', (8192, 128256), -1, 'bfloat16'),
     ('4096x32000', (4096, 32000), -1, numpy.float32), ('65536x1000', (65536, 1000), -1, numpy.float32),
     ('1048576x10', (1048576, 10), -1, numpy.float32),
     ('64x1000x256 axis=1', (64, 1000, 256), 1, numpy.float32)]
@@ -91,6 +102,10 @@ def main(argv=None):
     runtimes = {vname: VariantRuntime(options) for vname, options, _ in VARIANTS}
     lines, mismatches = [], []
     for case, shape, axis, dtype in CASES:
+        if dtype == 'bfloat16':  # ml_dtypes' (imported only here)
+            dtype = bench.bfloat16_or_none()
+            if dtype is None:
+                continue
         x, label = bench.make_inputs(cupy, shape, axis, dtype)
         reference = None
         for vname, _, overrides in VARIANTS:  # each variant computes what the default computes
@@ -99,7 +114,7 @@ def main(argv=None):
             if reference is None:
                 reference = (loss, grad)
                 continue
-            tol = 2e-3 if dtype == numpy.float16 else 2e-6
+            tol = {'float16': 2e-3, 'bfloat16': 1.6e-2}.get(numpy.dtype(dtype).name, 2e-6)
             err = max(float(abs(a.astype(numpy.float32) - b.astype(numpy.float32)).max())
                       for a, b in zip((loss, grad), reference))
             if not err <= tol:

@@ -294,6 +294,28 @@ def run_cluster_cases(backend, rng, monkeypatch, launched):
                         cupy_sce.forward_backward(logits, backend.asarray(label), ignore_index=1,
                                                   inplace=True)
                     numpy.testing.assert_array_equal(backend.to_numpy(logits), expected)
+    # the re-reading clusters (CLUSTER_REREAD): the fused forward+backward of hard labels
+    monkeypatch.setattr(_cupy_backend, 'USE_CLUSTERS', False)
+    monkeypatch.setattr(_cupy_backend, 'REREAD_BLOCK', _cupy_backend.CLUSTER_BLOCK)
+    for reread in _kernels.REREAD_CLUSTER_SIZES:
+        monkeypatch.setattr(_cupy_backend, 'CLUSTER_REREAD', reread)
+        for dtype in DTYPES:
+            monkeypatch.setattr(_cupy_backend, 'SHARED_LIMIT', _cupy_backend.state_area_bytes(dtype) + SEGMENT_BYTES)
+            vec = _kernels.vector_width(dtype)
+            for K in (reread * 37 * vec, reread * 37 * vec + 1):  # 16-byte vectors; scalar loads
+                for label_dtype in (numpy.int32, numpy.int64):
+                    x, label = make_case(rng, (3, K), -1, dtype=dtype, ignore_index=1, label_dtype=label_dtype)
+                    before = len(launched)
+                    assert_all_outputs(backend, x, label, ignore_index=1)
+                    expected_name = _kernels.cluster_name(dtype, _kernels.LABEL_TYPE[numpy.dtype(label_dtype)],
+                                                          'forward_backward', 0, vec if K % vec == 0 else 1,
+                                                          reread, False)
+                    assert expected_name in launched[before:], (expected_name, launched[before:])
+                    _, expected = backend(cupy_sce.forward_backward, x, label, ignore_index=1)
+                    logits = backend.asarray(x.copy())
+                    with backend.active():
+                        cupy_sce.forward_backward(logits, backend.asarray(label), ignore_index=1, inplace=True)
+                    numpy.testing.assert_array_equal(backend.to_numpy(logits), expected)
 
 
 def traced_peak(fn):

@@ -206,7 +206,7 @@ def test_launch_plans_are_cached_per_problem_and_tuning(monkeypatch):
     assert retuned.group == 64 and retuned == _cupy_backend.launch_plan(*args) and first.group != 64
 
 
-def test_launch_plan():
+def test_launch_plan(monkeypatch):
     """The pure launch plan: kernel, geometry, row cache and shared memory from the problem alone."""
     plan = _cupy_backend.launch_plan(numpy.float32, 'long long', 'forward_backward', 0, 10, 1500, 1, 4)
     assert plan.name == 'cupy_sce_rows<float, long long, sce::OP_FORWARD_BACKWARD, 0, 4, true>'
@@ -223,7 +223,18 @@ def test_launch_plan():
     assert (plan.group, plan.block, plan.grid) == (4, 128, 4)  # columns: 32 rows a block
     assert plan.shared_mem == 32 * 4 * 6 * 8
     plan = _cupy_backend.launch_plan(numpy.float32, 'int', 'forward_backward', 0, 3, 128256, 1, 4, (True, 227 * 1024))
-    assert plan.cluster == 1  # clusters are off by default (USE_CLUSTERS)
+    assert plan.cluster == 1  # clusters are off by default (USE_CLUSTERS, CLUSTER_REREAD)
+    monkeypatch.setattr(_cupy_backend, 'CLUSTER_REREAD', 4)
+    plan = _cupy_backend.launch_plan(numpy.float32, 'int', 'forward_backward', 0, 3, 128256, 1, 4, (True, 227 * 1024))
+    assert plan.name == 'cupy_sce_rows_cluster<float, int, sce::OP_FORWARD_BACKWARD, 0, 4, 4, false>'
+    assert (plan.cluster, plan.grid, plan.block, plan.group, plan.cache_row) == (4, 12, 1024, 1024, False)
+    assert plan.shared_mem == _cupy_backend.state_area_bytes(numpy.float32)
+    for args in [('forward', 0, 'int'), ('forward_backward', 1, 'int'), ('forward_backward', 0, 'float')]:
+        op, features, label_type = args  # only the featureless fused forward+backward of hard labels
+        plan = _cupy_backend.launch_plan(numpy.float32, label_type, op, features, 3, 128256, 1, 4, (True, 227 * 1024))
+        assert plan.cluster == 1, args
+    plan = _cupy_backend.launch_plan(numpy.float32, 'int', 'forward_backward', 0, 3, 128256, 1, 4, (False, 0))
+    assert plan.cluster == 1  # no clusters before sm_90
 
 
 @needs_harness

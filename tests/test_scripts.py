@@ -189,6 +189,28 @@ def test_device_check_script_parses():
     assert result.returncode == 0, result.stderr
 
 
+def test_precompile_covers_every_module_and_every_tune_variant(monkeypatch):
+    """scripts/precompile.py's list: every module of every dtype with the backend's options, and
+    the forward / forward+backward modules with each tune_gpu.py option set (what a GPU session
+    then finds in CuPy's cache instead of compiling one module at a time)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, 'scripts'))
+    import precompile
+    import tune_gpu
+    from cupy_sce import _kernels
+    jobs = precompile.jobs(knobs=True)
+    plain = {(dtype, names) for dtype, options, names in jobs if not options}
+    assert plain == {(dtype, tuple(names)) for dtype in precompile.DTYPES
+                     for names in _kernels.modules(dtype).values()}
+    option_sets = {options for _, options, _ in tune_gpu.VARIANTS if options}
+    assert {options for _, options, _ in jobs if options} == option_sets
+    for dtype in precompile.KNOB_DTYPES:
+        for options in option_sets:
+            compiled = {name for d, o, names in jobs if (d, o) == (dtype, options) for name in names}
+            assert _kernels.rows_name(dtype, 'long long', 'forward_backward', 0, 1) in compiled
+            assert _kernels.rows_name(dtype, 'int', 'forward', 0, 1) in compiled
+    assert len(precompile.jobs(knobs=False)) == len(plain)
+
+
 @pytest.mark.skipif(harness.unavailable_reason() is not None, reason='host harness unavailable')
 def test_tune_gpu_runs_its_variants_on_the_harness(tmp_path, monkeypatch):
     """scripts/tune_gpu.py end to end with the kernels on the host harness and a stand-in for
@@ -232,4 +254,4 @@ def test_tune_gpu_runs_its_variants_on_the_harness(tmp_path, monkeypatch):
     # each knob got a library of its own; variants without options share the default's
     libraries = {runtime.options: frozenset(lib._name for lib in runtime.libs.values()) for runtime in built}
     assert all(libraries.values())
-    assert len(set(libraries.values())) == 1 + len(tune._kernels.TUNING_KNOBS)
+    assert len(set(libraries.values())) == len({options for _, options, _ in tune.VARIANTS})

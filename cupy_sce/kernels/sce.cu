@@ -78,6 +78,12 @@
 #ifndef SCE_PREFETCH
 #define SCE_PREFETCH 0
 #endif
+// Pass 1's per-element work: 1 tests for the label's chunk once per chunk (not a 64-bit compare per
+// element) and keeps one partial sum per unrolled chunk (no chain of dependent adds through
+// state.sum); 0 is the plain loop.  The sums are grouped differently, so the bits differ.
+#ifndef SCE_LEAN_PASS1
+#define SCE_LEAN_PASS1 0
+#endif
 
 // Warp partials (group_allreduce) and, at index 32, the slot a CTA shows the rest of its cluster
 // (cluster_allreduce); the row cache starts after them (at the next multiple of 16 bytes).  _cupy_backend.STATE_SLOTS matches (the
@@ -243,6 +249,8 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
         // before this step's arithmetic
         const A y_ref = (P::state_mask & STATE_Y_SUM) ? smoothing_reference<P::softcap>(x_row, softcap) : A(0);
         const bool skip_label = (P::state_mask & STATE_PICKED) && kind == LABEL_VALID;
+        const long long label_chunk = skip_label ? lab / VEC : -1;  // SCE_LEAN_PASS1: where the label is
+        const int label_lane = skip_label ? (int)(lab - label_chunk * VEC) : -1;
         Vec<T, VEC> v[UNROLL], next[UNROLL];
         load_step(v, at.seg_begin + at.lane);
         for (long long j0 = at.seg_begin + at.lane; j0 < at.seg_end; j0 += step) {
@@ -259,7 +267,23 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
                 }
             }
             rebase(state, step_max);
-            if (state.max != -inf_value(A())) {  // all -inf so far: nothing to add
+            if (SCE_LEAN_PASS1 && state.max != -inf_value(A())) {
+                A part[UNROLL];
+                for (int u = 0; u < UNROLL; ++u) {
+                    const long long j = j0 + (long long)u * group_size;
+                    part[u] = A(0);
+                    if (j >= at.seg_end) continue;
+                    const bool label_here = skip_label && j == label_chunk;
+                    for (int e = 0; e < VEC; ++e) {
+                        const A term = exp_shifted(y[u][e] - state.max);
+                        part[u] += label_here && e == label_lane ? A(0) : term;
+                    }
+                }
+                for (int width = 1; width < UNROLL; width *= 2) {  // pairwise, a fixed order
+                    for (int u = 0; u + width < UNROLL; u += 2 * width) part[u] += part[u + width];
+                }
+                state.sum += part[0];
+            } else if (state.max != -inf_value(A())) {  // all -inf so far: nothing to add
                 for (int u = 0; u < UNROLL; ++u) {
                     const long long j = j0 + (long long)u * group_size;
                     if (j >= at.seg_end) continue;
@@ -490,9 +514,8 @@ __device__ __forceinline__ typename Acc<T>::type pass2_elements(
 
 // The body of both row kernels.  CLUSTER > 1 (cupy_sce_rows_cluster): a row is split over the
 // CLUSTER CTAs of a thread block cluster (one row per cluster, group_size == blockDim.x), each
-// CTA keeps its segment of the row in its shared memory (CACHE_ROW), and the CTAs merge their
-// row states through distributed shared memory: one read of the row from global memory even
-// when it is larger than one CTA's shared memory.
+// CTA works on its segment of the row (kept in its shared memory under CACHE_ROW), and the CTAs
+// merge their row states through distributed shared memory.
 template <typename T, typename L, int OP, int F, int VEC, bool CACHE_ROW, int CLUSTER>
 __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
     typedef typename Acc<T>::type A;
@@ -556,18 +579,23 @@ __global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_rows(SCE_ROWS_PARAMS) 
 }
 
 // ------------------------------------------------------------------------------------------
-// cupy_sce_rows_cluster: cupy_sce_rows for rows whose cache does not fit one CTA's shared
-// memory.  Arguments as above; grid = n_rows * CLUSTER blocks of group_size threads; dynamic
-// shared memory SCE_STATE_SLOTS RowState<A> + ceil(K / VEC / CLUSTER) vectors (the host opts in
-// above 48 KiB).  Always CACHE_ROW; pass 1 reads x (the forward ops with a pass 2).
-// Needs sm_90 (thread block clusters); the host launches it only there.
+// cupy_sce_rows_cluster: cupy_sce_rows with a row split over the CLUSTER CTAs of a thread block
+// cluster (one row per cluster, group_size == blockDim.x).  Arguments as above; grid = n_rows *
+// CLUSTER blocks of group_size threads.  Needs sm_90 (thread block clusters); the host launches it
+// only there.  Two uses, by CACHE_ROW (the operations whose pass 2 re-reads the row):
+//   true : rows whose cache does not fit one CTA's shared memory: each CTA keeps its segment,
+//          ceil(K / VEC / CLUSTER) vectors after the SCE_STATE_SLOTS row states (the host opts in
+//          above 48 KiB), so the row is read once from global memory;
+//   false: pass 2 re-reads the segment from global memory, but with a row's CTAs working on it
+//          together the rows in flight are few enough that the re-read finds the segment in L2;
+//          dynamic shared memory is the row states only.
 // ------------------------------------------------------------------------------------------
-template <typename T, typename L, int OP, int F, int VEC, int CLUSTER>
+template <typename T, typename L, int OP, int F, int VEC, int CLUSTER, bool CACHE_ROW>
 __global__ void __launch_bounds__(SCE_MAX_BLOCK) SCE_CLUSTER_DIMS(CLUSTER) cupy_sce_rows_cluster(SCE_ROWS_PARAMS) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     __trap();  // no clusters before sm_90 (compiled so that one module serves every device)
 #else
-    sce::rows<T, L, OP, F, VEC, true, CLUSTER>(SCE_ROWS_ARGS);
+    sce::rows<T, L, OP, F, VEC, CACHE_ROW, CLUSTER>(SCE_ROWS_ARGS);
 #endif
 }
 
