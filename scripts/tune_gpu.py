@@ -29,7 +29,7 @@ VARIANTS = [
     ('default', (), {}),
     ('clusters', (), {(_cupy_backend, 'USE_CLUSTERS'): True}),
 ] + [(knob, options, {}) for knob, options in _kernels.TUNING_KNOBS.items()] + [
-    ('lean pass 1 + exp2 ftz', ('-DSCE_LEAN_PASS1=1', '-DSCE_EXP2_FTZ=1'), {}),
+    ('lean pass 1, unroll 8', ('-DSCE_LEAN_PASS1=1', '-DSCE_UNROLL=8'), {}),
     ('clusters: re-read 2', (), {(_cupy_backend, 'CLUSTER_REREAD'): 2}),
     ('clusters: re-read 4', (), {(_cupy_backend, 'CLUSTER_REREAD'): 4}),
     ('clusters: re-read 4 x 512', (), {(_cupy_backend, 'CLUSTER_REREAD'): 4, (_cupy_backend, 'REREAD_BLOCK'): 512}),

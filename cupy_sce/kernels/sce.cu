@@ -79,8 +79,9 @@
 #define SCE_PREFETCH 0
 #endif
 // Pass 1's per-element work: 1 tests for the label's chunk once per chunk (not a 64-bit compare per
-// element) and keeps one partial sum per unrolled chunk (no chain of dependent adds through
-// state.sum); 0 is the plain loop.  The sums are grouped differently, so the bits differ.
+// element), keeps one partial sum per unrolled chunk (no chain of dependent adds through
+// state.sum) and takes the flush-to-zero ex2 for the sum's terms (exp_sum_term); 0 is the plain
+// loop.  The sums are grouped differently, so the bits differ.
 #ifndef SCE_LEAN_PASS1
 #define SCE_LEAN_PASS1 0
 #endif
@@ -275,7 +276,7 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
                     if (j >= at.seg_end) continue;
                     const bool label_here = skip_label && j == label_chunk;
                     for (int e = 0; e < VEC; ++e) {
-                        const A term = exp_shifted(y[u][e] - state.max);
+                        const A term = exp_sum_term(y[u][e] - state.max);
                         part[u] += label_here && e == label_lane ? A(0) : term;
                     }
                 }
