@@ -233,16 +233,28 @@ def nvrtc_compile(dtype, arch, extra_options=(), want_log=False, names=None, wan
         nvrtc.destroyProgram(prog)
 
 
-def register_usage(dtype, arch, names=None):
-    """{mangled kernel name: registers per thread} from ptxas (run by NVRTC for an sm_* arch)."""
+def ptxas_usage(dtype, arch, names=None):
+    """{instantiation name: (registers per thread, bytes of spill stores)} from ptxas (run by
+    NVRTC for an sm_* arch)."""
     import re
-    _, log = nvrtc_compile(dtype, arch, ('--ptxas-options=-v',), want_log=True, names=names)
-    usage, entry = {}, None
+    names = list(names or name_expressions(dtype))
+    _, log, lowered = nvrtc_compile(dtype, arch, ('--ptxas-options=-v',), want_log=True, names=names,
+                                    want_lowered=True)
+    by_mangled = {mangled: name for name, mangled in lowered.items()}
+    usage, entry, spilled = {}, None, 0
     for line in log.splitlines():
         found = re.search(r"Compiling entry function '(\w+)'", line)
         if found:
-            entry = found.group(1)
+            entry, spilled = by_mangled.get(found.group(1), found.group(1)), 0
+        found = re.search(r'(\d+) bytes spill stores', line)
+        if found:
+            spilled = int(found.group(1))
         found = re.search(r'Used (\d+) registers', line)
         if found and entry:
-            usage[entry] = int(found.group(1))
+            usage[entry] = (int(found.group(1)), spilled)
     return usage
+
+
+def register_usage(dtype, arch, names=None):
+    """{instantiation name: registers per thread} from ptxas."""
+    return {name: regs for name, (regs, _) in ptxas_usage(dtype, arch, names).items()}

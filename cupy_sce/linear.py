@@ -28,8 +28,12 @@ from cupy_sce import _api, _dtypes
 CHUNK_BYTES = 96 * 2 ** 20
 CHUNK_MIN_ROWS = 64
 # grad_weight accumulates a chunk's dlogits.T @ hidden this many vocabulary rows at a time (a
-# reused (VOCAB_BLOCK, H) buffer: 8 MiB at H = 2048 float32).
+# reused (VOCAB_BLOCK, H) buffer: 8 MiB at H = 2048 float32) on the CPU; on a GPU in blocks of up
+# to VOCAB_BLOCK_BYTES_GPU (at least VOCAB_BLOCK rows): a block costs two launches, and 1024-row
+# blocks (126 a chunk at V = 128256) made the step launch-bound, 4x slower than the unfused
+# composition on an H200 (docs/performance.md).
 VOCAB_BLOCK = 1024
+VOCAB_BLOCK_BYTES_GPU = 128 * 2 ** 20
 
 
 def default_chunk_size(n_rows, vocab, itemsize):
@@ -154,7 +158,8 @@ def linear_cross_entropy_forward_backward(hidden, weight, label, bias=None, loss
     p, xp = lin.p, lin.xp
     acc = p.acc_dtype
     if loss_grad is not None:
-        _, (loss_grad,) = _api._as_arrays([('loss_grad', loss_grad)])
+        # on the hidden states' array module: a Python number beside cupy arrays becomes a cupy scalar
+        _, (_, loss_grad) = _api._as_arrays([('hidden', lin.hidden), ('loss_grad', loss_grad)])
         if reduction == 'none':
             loss_grad = loss_grad.reshape(-1, 1) if loss_grad.shape == lin.label_shape else loss_grad
     row_grad = _api._row_loss_grad(p, loss_grad, lin.reduction)  # (N, 1) per row: 1/D for a mean
@@ -191,14 +196,16 @@ def linear_cross_entropy_forward_backward(hidden, weight, label, bias=None, loss
 
 
 def _accumulate_product(xp, total, d, h, dtype):
-    """``total += d.T @ h`` a block of VOCAB_BLOCK rows of ``total`` at a time, each product into
+    """``total += d.T @ h`` a block of rows of ``total`` at a time (VOCAB_BLOCK on the CPU, up to
+    VOCAB_BLOCK_BYTES_GPU on a GPU), each product into
     one reused buffer: the whole (V, H) product would be a second grad_weight-sized temporary (250
     MiB at V = 32000, H = 2048) and its page faults on every chunk.  (BLAS can accumulate into C,
     but NumPy's and CuPy's matmul overwrite ``out``.)"""
-    V = total.shape[0]
-    block = xp.empty((min(VOCAB_BLOCK, V), total.shape[1]), dtype)
-    for v0 in range(0, V, VOCAB_BLOCK):
-        v1 = min(V, v0 + VOCAB_BLOCK)
+    V, H = total.shape
+    rows = VOCAB_BLOCK if xp is numpy else max(VOCAB_BLOCK, VOCAB_BLOCK_BYTES_GPU // (H * numpy.dtype(dtype).itemsize))
+    block = xp.empty((min(rows, V), H), dtype)
+    for v0 in range(0, V, rows):
+        v1 = min(V, v0 + rows)
         product = block[:v1 - v0]
         xp.matmul(d[:, v0:v1].T, h, out=product)
         total[v0:v1] += product

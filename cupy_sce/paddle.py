@@ -70,18 +70,20 @@ class _Loss(PyLayer):
 
     @staticmethod
     def forward(ctx, logits, label, weight, kw, shape):
-        x, lab = _to_array(logits), _to_array(label)
-        w = None if weight is None else _to_array(weight)
-        with _stream(logits):
+        with _stream(logits):  # the DLPack exchanges too, on Paddle's stream
+            x, lab = _to_array(logits), _to_array(label)
+            w = None if weight is None else _to_array(weight)
             loss, lse = cupy_sce.forward(x, lab, weight=w, **kw)
+            lse = None if lse is None else _to_tensor(lse)
+            loss_shape, loss = loss.shape, _to_tensor(loss.reshape(shape))
         ctx.kw = kw
         ctx.has_weight = weight is not None
-        ctx.loss_shape = loss.shape
+        ctx.loss_shape = loss_shape
         saved = [logits, label] + ([weight] if weight is not None else [])
         if lse is not None:
-            saved.append(_to_tensor(lse))
+            saved.append(lse)
         ctx.save_for_backward(*saved)
-        return _to_tensor(loss.reshape(shape))
+        return loss
 
     @staticmethod
     def backward(ctx, loss_grad):
@@ -89,13 +91,13 @@ class _Loss(PyLayer):
         logits, label = saved[0], saved[1]
         weight = saved[2] if ctx.has_weight else None
         lse = saved[-1] if ctx.kw['use_softmax'] else None
-        x = _to_array(logits)
-        g = _to_array(loss_grad.astype('float64' if x.dtype == numpy.float64 else 'float32'))
-        g = g.reshape(ctx.loss_shape)
         with _stream(logits):
+            x = _to_array(logits)
+            g = _to_array(loss_grad.astype('float64' if x.dtype == numpy.float64 else 'float32'))
+            g = g.reshape(ctx.loss_shape)
             grad = cupy_sce.backward(g, x, None if lse is None else _to_array(lse), _to_array(label),
                                      weight=None if weight is None else _to_array(weight), **ctx.kw)
-        grads = [_to_tensor(grad), None]
+            grads = [_to_tensor(grad), None]
         return tuple(grads + ([None] if ctx.has_weight else []))
 
 
@@ -111,11 +113,11 @@ def softmax_with_cross_entropy(logits, label, soft_label=False, ignore_index=-10
     _check_tensor('logits', logits)
     _check_tensor('label', label)
     if return_softmax:
-        x, lab = _to_array(logits), _to_array(label)
         with _stream(logits):
+            x, lab = _to_array(logits), _to_array(label)
             _, softmax = cupy_sce.softmax_with_cross_entropy(x, lab, soft_label, ignore_index, numeric_stable_mode,
                                                              True, axis)
-        softmax = _to_tensor(softmax)
+            softmax = _to_tensor(softmax)
         softmax.stop_gradient = True
     kw = dict(soft_label=soft_label, ignore_index=ignore_index, axis=axis, reduction='none', use_softmax=True)
     shape = list(logits.shape)
@@ -148,9 +150,9 @@ def cross_entropy(input, label, weight=None, ignore_index=-100, reduction='mean'
 
 def _apply(logits, label, weight, kw, shape):
     if logits.stop_gradient:  # no graph: the array call alone
-        x, lab = _to_array(logits), _to_array(label)
-        w = None if weight is None else _to_array(weight)
         with _stream(logits):
+            x, lab = _to_array(logits), _to_array(label)
+            w = None if weight is None else _to_array(weight)
             loss, _ = cupy_sce.forward(x, lab, weight=w, **kw)
-        return _to_tensor(loss.reshape(shape))
+            return _to_tensor(loss.reshape(shape))
     return _Loss.apply(logits, label, weight, kw, shape)

@@ -109,17 +109,19 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                 inplace_backward, soft):
         axis = 1 if input.dim() >= 2 else 0
-        x, label = _to_array(input), _to_array(target)
-        w = None if weight is None else _to_array(weight)
-        kw = dict(soft_label=soft, ignore_index=ignore_index, axis=axis, weight=w,
-                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction)
+        # the DLPack exchanges too on PyTorch's stream: each side orders the other's work on its
+        # own current stream, and CuPy's default (the legacy stream) would break a graph capture
         with _stream(input):
+            x, label = _to_array(input), _to_array(target)
+            w = None if weight is None else _to_array(weight)
+            kw = dict(soft_label=soft, ignore_index=ignore_index, axis=axis, weight=w,
+                      label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction)
             loss, lse = cupy_sce.forward(x, label, **kw)
+            lse_tensor = _to_tensor(lse, input.device)
+            loss = _to_tensor(loss, input.device)
         ctx.kw = kw
         ctx.inplace_backward = inplace_backward
-        lse_tensor = _to_tensor(lse, input.device)
         ctx.save_for_backward(input, target, weight, lse_tensor)
-        loss = _to_tensor(loss, input.device)
         if reduction == 'none':  # PyTorch's shape: the input's without the class dimension
             loss = loss.reshape(input.shape[:axis] + input.shape[axis + 1:])
         return loss
@@ -128,25 +130,24 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, target, weight, lse = ctx.saved_tensors
         kw = dict(ctx.kw)
-        kw['weight'] = None if weight is None else _to_array(weight)
-        x, label = _to_array(input), _to_array(target)
         axis = kw['axis']
         if kw['reduction'] == 'none':
             g = grad_output.reshape(input.shape[:axis] + (1,) + input.shape[axis + 1:])
         else:
             g = grad_output.reshape(())
-        g = _to_array(g.to(lse.dtype).contiguous())
+        g = g.to(lse.dtype).contiguous()
         with _stream(input):
+            kw['weight'] = None if weight is None else _to_array(weight)
+            x, label, g = _to_array(input), _to_array(target), _to_array(g)
             if ctx.inplace_backward:
                 grad = cupy_sce.backward(g, x, _to_array(lse), label, out=x, **kw)
             else:
                 grad = cupy_sce.backward(g, x, _to_array(lse), label, **kw)
+            grad_input = None if ctx.inplace_backward else _to_tensor(grad, input.device)
         if ctx.inplace_backward:
             # the logits now hold their gradient: a node that saved them must fail, not read it
             torch.autograd.graph.increment_version(input)
             grad_input = input.detach()
-        else:
-            grad_input = _to_tensor(grad, input.device)
         return grad_input, None, None, None, None, None, None, None, None, None
 
 

@@ -793,15 +793,28 @@ def linear_steps(hidden, weight, label, torch_device):
 
 
 def pool_peak_bytes(fn):
-    """Bytes CuPy's memory pool holds after ``fn()`` starting from an empty pool, beyond what ``fn``
-    returned: the pool keeps every freed block, so this is the step's peak."""
-    import cupy
-    pool = cupy.get_default_memory_pool()
-    pool.free_all_blocks()
-    before = pool.total_bytes()
-    result = fn()
+    """Peak bytes of device memory ``fn()`` held at once through CuPy's allocator beyond what it
+    returned (its temporaries), from a memory hook that follows every allocation and free."""
+    from cupy.cuda import memory_hook
+
+    class Peak(memory_hook.MemoryHook):
+        name = 'cupy_sce_peak'
+
+        def __init__(self):
+            self.held = self.peak = 0
+
+        def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+            self.held += mem_size
+            self.peak = max(self.peak, self.held)
+
+        def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+            self.held -= mem_size
+
+    hook = Peak()
+    with hook:
+        result = fn()
     outputs = result if isinstance(result, tuple) else (result,)
-    return pool.total_bytes() - before - sum(o.nbytes for o in outputs if o is not None)
+    return hook.peak - sum(o.nbytes for o in outputs if o is not None)
 
 
 def run_linear_gpu(args, rows):

@@ -8,7 +8,7 @@
 # peer; dask/distributed for their tests: wheels in .whl are installed first when present); uses
 # cupy_sce from this checkout.
 #   PYTHON=python3 bash scripts/device_check.sh [section ...]   (default: all, in this order)
-# sections: compile bench tests tune accuracy gradcheck
+# sections: compile bench tests profile tune accuracy gradcheck
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device_check_out}"
@@ -22,7 +22,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
-sections="${*:-compile bench tests tune accuracy gradcheck}"
+sections="${*:-compile bench tests profile tune accuracy gradcheck}"
 status=0
 section() { case " $sections " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 stamp() { echo "== $(date +%T) $*"; }
@@ -42,9 +42,16 @@ if section tests; then
     -k "cupy or gpu or cuda or nccl" >"$OUT/gpu_tests.log" 2>&1 || status=1
   grep -c PASSED "$OUT/gpu_tests.log"; grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20; tail -3 "$OUT/gpu_tests.log"
 fi
+if section profile; then
+  stamp "host and device time per call, and where the host time goes"
+  timeout 90 "$PY" scripts/profile_gpu.py --calls 100 >"$OUT/profile_gpu.log" 2>&1 || status=1
+  grep "label check" "$OUT/profile_gpu.log"
+fi
 if section tune; then
-  stamp "kernel variants"
-  timeout 130 "$PY" scripts/tune_gpu.py --rounds 3 --out /tmp/tune_out 2>&1 | tee "$OUT/tune_gpu.log" || status=1
+  stamp "kernel variants ${TUNE_ARGS:-}"
+  # TUNE_ARGS: e.g. --cases float16 --variants "lean pass 1"
+  eval "timeout 130 \"\$PY\" scripts/tune_gpu.py --rounds 3 --out /tmp/tune_out ${TUNE_ARGS:-}" 2>&1 \
+    | tee "$OUT/tune_gpu.log" || status=1
 fi
 if section accuracy; then
   stamp "accuracy (cupy; the README's ulp table)"

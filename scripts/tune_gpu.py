@@ -88,7 +88,13 @@ def main(argv=None):
                         help='rounds over all variants; a variant\'s time is its median round, so that '
                              'drift of the card (clocks, temperature) hits every variant alike')
     parser.add_argument('--out', default='bench_out')
+    parser.add_argument('--cases', nargs='*', help='only the cases whose "name dtype" contains one of these')
+    parser.add_argument('--variants', nargs='*', help='only the variants (and the default) named so')
     args = parser.parse_args(argv)
+    variants = [v for v in VARIANTS if not args.variants or v[0] == 'default' or v[0] in args.variants]
+    cases = [c for c in CASES if not args.cases
+             or any(want in '{} {}'.format(c[0], c[3] if isinstance(c[3], str) else numpy.dtype(c[3]).name)
+                    for want in args.cases)]
     import cupy
     try:
         cupy.cuda.runtime.getDeviceCount()
@@ -99,16 +105,16 @@ def main(argv=None):
     name = cupy.cuda.runtime.getDeviceProperties(0)['name']
     print('# {}, peak {:.0f} GB/s; median of {} rounds x median of {} calls'.format(
         name.decode() if isinstance(name, bytes) else name, peak, args.rounds, args.repeat))
-    runtimes = {vname: VariantRuntime(options) for vname, options, _ in VARIANTS}
+    runtimes = {vname: VariantRuntime(options) for vname, options, _ in variants}
     lines, mismatches = [], []
-    for case, shape, axis, dtype in CASES:
+    for case, shape, axis, dtype in cases:
         if dtype == 'bfloat16':  # ml_dtypes' (imported only here)
             dtype = bench.bfloat16_or_none()
             if dtype is None:
                 continue
         x, label = bench.make_inputs(cupy, shape, axis, dtype)
         reference = None
-        for vname, _, overrides in VARIANTS:  # each variant computes what the default computes
+        for vname, _, overrides in variants:  # each variant computes what the default computes
             with variant(runtimes[vname], overrides):
                 loss, grad = cupy_sce.forward_backward(x, label, axis=axis)
             if reference is None:
@@ -123,12 +129,12 @@ def main(argv=None):
         del reference, loss, grad
         times = {}
         for _ in range(args.rounds):
-            for vname, _, overrides in VARIANTS:
+            for vname, _, overrides in variants:
                 with variant(runtimes[vname], overrides):
                     for op in OPS:
                         t = bench.time_gpu(bench.ours(op, x, label, axis), args.repeat)[0]
                         times.setdefault((vname, op), []).append(t)
-        for vname, _, _ in VARIANTS:
+        for vname, _, _ in variants:
             cells = []
             for op in OPS:
                 t = statistics.median(times[(vname, op)])

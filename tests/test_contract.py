@@ -111,8 +111,11 @@ class Case:
         c.shape = c.x.shape
         return c
 
-    def keywords(self):
-        return dict(self.kw, soft_label=self.soft, ignore_index=self.ignore_index, axis=self.axis)
+    def keywords(self, backend=None):
+        """The call's keywords; with ``backend``, its arrays (the class weights) on that backend, for
+        direct calls (``backend(fn, ...)`` moves them itself)."""
+        kw = dict(self.kw, soft_label=self.soft, ignore_index=self.ignore_index, axis=self.axis)
+        return kw if backend is None else {k: backend.asarray(v) for k, v in kw.items()}
 
 
 def _dominate(rng, x, label, axis):
@@ -268,7 +271,7 @@ def test_in_place_equals_out_of_place(backend, data):
     case = Case(numpy.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1))), shape, axis,
                 data.draw(st.sampled_from(DTYPES)), data.draw(st.booleans()), data.draw(family_options()),
                 dominated=data.draw(st.booleans()))
-    kw = case.keywords()
+    kw = case.keywords(backend)
     lay = LAYOUTS.get(data.draw(st.sampled_from(['c'] + sorted(LAYOUTS))), lambda a: a.copy())
     want = run_all(backend, case)
     with backend.active():
@@ -408,7 +411,7 @@ def test_16_bit_gradients_are_rounded_once(backend, data):
     with backend.active():
         logits = backend.asarray(case.x.copy())
         cupy_sce.forward_backward(logits, backend.asarray(case.label), backend.asarray(case.loss_grad),
-                                  inplace=True, **kw)
+                                  inplace=True, **case.keywords(backend))
         numpy.testing.assert_array_equal(backend.to_numpy(logits), grad)
 
 
@@ -426,7 +429,7 @@ def test_inputs_are_never_modified_and_bad_labels_write_nothing(backend, data):
     # one bad label: IndexError, and neither the logits nor a given out buffer is written
     bad = case.label.copy()
     bad.flat[data.draw(st.integers(0, bad.size - 1))] = case.shape[case.axis] + data.draw(st.integers(0, 5))
-    kw = case.keywords()
+    kw = case.keywords(backend)
     with backend.active():
         xp = backend.xp
         logits = xp.asarray(case.x.copy())

@@ -219,6 +219,16 @@ __device__ __forceinline__ RowPlace place_thread(long long n_rows, long long K, 
     return p;
 }
 
+// Chunks a thread loads before it uses the first (16-byte loads in flight per thread) in pass 1
+// (PASS == 1) and in pass 2: 4, or 2 where the registers would not fit the launch bound's 64
+// without spilling (ptxas spills, checked by tests/test_kernels.py, cost 16-bit types half their
+// speed on an H200): double; pass 1 with a soft cap (it keeps the step's UNROLL * VEC capped
+// logits); pass 2 of 16-bit types (a chunk is 8 elements, each with its gradient's terms).
+template <typename A, int VEC, bool SOFTCAP, int PASS> __device__ __forceinline__ constexpr int unroll() {
+    return SCE_UNROLL > 0 ? SCE_UNROLL
+           : sizeof(A) == 8 || (PASS == 1 ? SOFTCAP && VEC > 1 : VEC > 4) ? 2 : 4;
+}
+
 // Step 2 (pass 1): the online max / sum of exp(y) over this thread's chunks, the label's logit
 // (read by the lane that owns its chunk, the one that writes it in pass 2), and the sums the
 // features need; CACHE_ROW keeps the chunks in shared memory for pass 2.
@@ -229,9 +239,7 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
         Vec<T, VEC>* row_cache) {
     typedef typename Acc<T>::type A;
     typedef Plan<L, OP, F> P;
-    // chunks a thread loads before it uses the first (16-byte loads in flight per thread);
-    // double keeps two, so that its registers fit under the launch bound without spilling
-    constexpr int UNROLL = SCE_UNROLL > 0 ? SCE_UNROLL : (sizeof(A) == 8 ? 2 : 4);
+    constexpr int UNROLL = unroll<A, VEC, P::softcap, 1>();
     RowState<A> state = row_state_init<A>();
     if (!at.active) return state;
     const long long vec_stride = VEC * inner;  // elements from chunk j to chunk j + 1
@@ -256,15 +264,23 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
         load_step(v, at.seg_begin + at.lane);
         for (long long j0 = at.seg_begin + at.lane; j0 < at.seg_end; j0 += step) {
             if (SCE_PREFETCH) load_step(next, j0 + step);
-            A y[UNROLL][VEC];
+            // y of element e of chunk u: kept from the max loop under a soft cap (tanh is dear),
+            // else converted again from the loaded chunk: a 16-bit step's UNROLL * VEC floats kept
+            // beside the loads would not fit the 64 registers of a 1024-thread block (they spilled)
+            constexpr int KEPT_U = P::softcap ? UNROLL : 1, KEPT_E = P::softcap ? VEC : 1;
+            A y_kept[KEPT_U][KEPT_E];
+            auto y = [&](int u, int e) -> A {
+                return P::softcap ? y_kept[u % KEPT_U][e % KEPT_E] : to_acc(v[u].v[e]);
+            };
             A step_max = -inf_value(A());
             for (int u = 0; u < UNROLL; ++u) {
                 const long long j = j0 + (long long)u * group_size;
                 if (j >= at.seg_end) continue;
                 if (CACHE_ROW) row_cache[j - at.seg_begin] = v[u];
                 for (int e = 0; e < VEC; ++e) {
-                    y[u][e] = capped<P::softcap>(to_acc(v[u].v[e]), softcap);
-                    step_max = nan_max(step_max, y[u][e]);
+                    const A y_ue = capped<P::softcap>(to_acc(v[u].v[e]), softcap);
+                    if (P::softcap) y_kept[u % KEPT_U][e % KEPT_E] = y_ue;
+                    step_max = nan_max(step_max, y_ue);
                 }
             }
             rebase(state, step_max);
@@ -276,7 +292,7 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
                     if (j >= at.seg_end) continue;
                     const bool label_here = skip_label && j == label_chunk;
                     for (int e = 0; e < VEC; ++e) {
-                        const A term = exp_sum_term(y[u][e] - state.max);
+                        const A term = exp_sum_term(y(u, e) - state.max);
                         part[u] += label_here && e == label_lane ? A(0) : term;
                     }
                 }
@@ -290,14 +306,14 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
                     if (j >= at.seg_end) continue;
                     for (int e = 0; e < VEC; ++e) {
                         // the label's term stays out of the sum (row_terms adds it back exactly)
-                        if (!(skip_label && j * VEC + e == lab)) state.sum += exp_shifted(y[u][e] - state.max);
+                        if (!(skip_label && j * VEC + e == lab)) state.sum += exp_shifted(y(u, e) - state.max);
                     }
                 }
             }
             if (P::state_mask & STATE_Y_SUM) {  // smoothing's sum_k (y_k - ref) (a -inf logit makes it -inf)
                 for (int u = 0; u < UNROLL; ++u) {
                     if (j0 + (long long)u * group_size >= at.seg_end) continue;
-                    for (int e = 0; e < VEC; ++e) state.y_sum += y[u][e] - y_ref;
+                    for (int e = 0; e < VEC; ++e) state.y_sum += y(u, e) - y_ref;
                 }
             }
             if (SCE_PREFETCH) {
@@ -453,7 +469,7 @@ __device__ __forceinline__ typename Acc<T>::type pass2_elements(
         const RowTerms<typename Acc<T>::type>& t, typename Acc<T>::type softcap, const Vec<T, VEC>* row_cache) {
     typedef typename Acc<T>::type A;
     typedef Plan<L, OP, F> P;
-    constexpr int UNROLL = SCE_UNROLL > 0 ? SCE_UNROLL : (sizeof(A) == 8 ? 2 : 4);
+    constexpr int UNROLL = unroll<A, VEC, P::softcap, 2>();
     const A zero = A(0);
     A soft_ce = zero;
     if (!at.active) return soft_ce;
