@@ -304,10 +304,15 @@ class _Problem:
         eps = self.label_smoothing
         return (1 - eps) * weight + eps * (self.weight_sum[0] / self.K) if eps else weight
 
-    def ignored(self):
-        """Hard labels: the mask of ignored rows ((outer, inner)).  ``ignore_index`` is compared
-        as int64: int32 labels and a value outside their range must not overflow."""
-        return self.label == self.xp.asarray(self.ignore_index, dtype=numpy.int64)
+    def ignored(self, kept=False):
+        """Hard labels: the mask of ignored rows ((outer, inner)); with ``kept`` of the others.
+        ``ignore_index`` is compared as a scalar of the labels' type where that type holds it (a
+        scalar argument: no device copy); where it does not, no label can equal it."""
+        info = numpy.iinfo(self.label.dtype)
+        if info.min <= self.ignore_index <= info.max:
+            value = self.label.dtype.type(self.ignore_index)
+            return self.label != value if kept else self.label == value
+        return (self.xp.ones if kept else self.xp.zeros)(self.label.shape, dtype=bool)
 
     def reject_bad_labels_before_overwrite(self, backend, out):
         """When the gradient goes into the caller's memory (``out`` given: the logits or another
@@ -393,7 +398,7 @@ def _normalizer(p):
         # touches adds 0 even at weight NaN or inf
         labelled = xp.where(p.label == 0, 0, p.label * p.weight[:, None]).sum(dtype=acc)
         return (1 - eps) * labelled + eps * n * p.weight_sum[0] / p.K if eps else labelled
-    counted = ~p.ignored()
+    counted = p.ignored(kept=True)
     if p.weight is None:
         return counted.sum(dtype=acc)
     # a bad label reads class 0 here (its loss is NaN, or it raises)
@@ -401,14 +406,34 @@ def _normalizer(p):
     return xp.where(counted, p.hard_row_weight(xp.where(in_range, p.label, 0)), 0).sum(dtype=acc)
 
 
-def _per_mean_divisor(p, value):
+def _per_mean_divisor(p, value, out=None):
     """``value / D`` for reduction='mean', 0 where D is 0 (every row ignored, or weights summing
-    to 0).  D is computed once per call: the loss and the gradient of a fused call share it."""
-    xp = p.xp
+    to 0), into ``out`` (broadcast) when given.  D is computed once per call: the loss and the
+    gradient of a fused call share it."""
     divisor = getattr(p, 'mean_divisor', None)
     if divisor is None:
         divisor = p.mean_divisor = _normalizer(p)
-    return xp.where(divisor == 0, xp.zeros((), p.acc_dtype), value / xp.where(divisor == 0, 1, divisor))
+    return _divide_or_zero(p.xp, value, divisor, out)
+
+
+_DIVIDE_OR_ZERO = []  # the CuPy kernel, made on first use
+
+
+def _divide_or_zero(xp, value, divisor, out=None):
+    """``value / divisor``, 0 where ``divisor`` is 0, broadcast into ``out`` when given: one fused
+    kernel on CuPy (each array operation costs a launch and tens of us of host time, and a small
+    call's mean is several of them)."""
+    if xp is numpy:
+        result = numpy.where(divisor == 0, 0, value / numpy.where(divisor == 0, 1, divisor)).astype(divisor.dtype)
+        if out is None:
+            return result
+        out[...] = result
+        return out
+    if not _DIVIDE_OR_ZERO:
+        _DIVIDE_OR_ZERO.append(cupy.ElementwiseKernel(
+            'T value, T divisor', 'T quotient', 'quotient = divisor == T(0) ? T(0) : value / divisor',
+            'cupy_sce_divide_or_zero'))
+    return _DIVIDE_OR_ZERO[0](value, divisor, out)
 
 
 def _shaped_loss(p, loss, reduction):
@@ -433,7 +458,7 @@ def _reduce_quietly(p, rows, reduction):
     total = rows.sum(dtype=p.acc_dtype)
     if reduction == 'mean':
         total = _per_mean_divisor(p, total)
-    return xp.asarray(total).astype(p.loss_dtype)
+    return xp.asarray(total).astype(p.loss_dtype, copy=False)
 
 
 def _row_loss_grad(p, loss_grad, reduction):
@@ -462,9 +487,9 @@ def _reduced_loss_grad(p, loss_grad, reduction):
         g = xp.ones((), acc)
     else:
         check_scalar_loss_grad(loss_grad, reduction)
-        g = loss_grad.astype(acc)
-    if reduction == 'mean':
-        g = _per_mean_divisor(p, g)
+        g = loss_grad.astype(acc, copy=False)
+    if reduction == 'mean':  # divided straight into the rows
+        return _per_mean_divisor(p, g, xp.empty((p.outer, p.inner), acc))
     return xp.ascontiguousarray(xp.broadcast_to(g, (p.outer, p.inner)))
 
 

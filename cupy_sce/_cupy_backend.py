@@ -85,6 +85,15 @@ class CupyRuntime:
     def read_scalar(array):
         return int(array.get()[0])  # the one tiny device-to-host copy of the label check
 
+    def bad_row_buffer(self):
+        """The label check's one-element uint64 buffer, holding NO_BAD_ROW (every bit set): a
+        pool allocation and an asynchronous memset (cupy.full's fill kernel took tens of us of
+        host time a call)."""
+        cupy = self.xp
+        buffer = cupy.empty((1,), numpy.uint64)
+        cupy.cuda.runtime.memsetAsync(buffer.data.ptr, 0xFF, 8, cupy.cuda.get_current_stream().ptr)
+        return buffer
+
     def limits(self):
         """(thread block clusters available, opt-in dynamic shared memory per block) of the current device."""
         device = self.xp.cuda.Device()
@@ -223,7 +232,7 @@ class CupyBackend:
     def _bad_row_buffer(self, p):
         if p.label is None or p.soft_label or not p.check_labels:
             return None
-        return self.xp.full((1,), NO_BAD_ROW, dtype=numpy.uint64)
+        return self.runtime.bad_row_buffer()
 
     def _bad_row(self, buf):
         if buf is None:

@@ -27,13 +27,10 @@ from cupy_sce import _api, _dtypes
 # grad_weight (docs/performance.md).
 CHUNK_BYTES = 96 * 2 ** 20
 CHUNK_MIN_ROWS = 64
-# grad_weight accumulates a chunk's dlogits.T @ hidden this many vocabulary rows at a time (a
-# reused (VOCAB_BLOCK, H) buffer: 8 MiB at H = 2048 float32) on the CPU; on a GPU in blocks of up
-# to VOCAB_BLOCK_BYTES_GPU (at least VOCAB_BLOCK rows): a block costs two launches, and 1024-row
-# blocks (126 a chunk at V = 128256) made the step launch-bound, 4x slower than the unfused
-# composition on an H200 (docs/performance.md).
+# On the CPU grad_weight accumulates a chunk's dlogits.T @ hidden this many vocabulary rows at a
+# time (a reused (VOCAB_BLOCK, H) buffer: 8 MiB at H = 2048 float32); on a GPU one cuBLAS product
+# per chunk adds into it (_gemm_accumulate).
 VOCAB_BLOCK = 1024
-VOCAB_BLOCK_BYTES_GPU = 128 * 2 ** 20
 
 
 def default_chunk_size(n_rows, vocab, itemsize):
@@ -93,7 +90,7 @@ class _Linear:
         if not p.check_labels:
             return
         xp = self.xp
-        bad = (~p.ignored() & ((p.label < 0) | (p.label >= p.K))).ravel()
+        bad = (p.ignored(kept=True) & ((p.label < 0) | (p.label >= p.K))).ravel()
         if bool(bad.any()):
             row = int(xp.argmax(bad))
             position = tuple(int(i) for i in numpy.unravel_index(row, self.label_shape))
@@ -179,11 +176,13 @@ def linear_cross_entropy_forward_backward(hidden, weight, label, bias=None, loss
             rows[start:stop] = loss
             d = dlogits.astype(lin.matmul_dtype, copy=False)
             h = lin.hidden[start:stop].astype(lin.matmul_dtype, copy=False)
-            if direct:
+            if lin.matmul_dtype == lin.hidden.dtype:
                 xp.matmul(d, weight_for_grad, out=grad_hidden[start:stop])
             else:
                 grad_hidden[start:stop] = xp.matmul(d, weight_for_grad)
-            if direct and start == 0:
+            if xp is not numpy:  # one cuBLAS product per chunk, accumulated in grad_weight's dtype
+                _gemm_accumulate(grad_weight, d, h, start > 0)
+            elif direct and start == 0:
                 xp.matmul(d.T, h, out=grad_weight)  # the first chunk's product is the sum so far
             else:
                 _accumulate_product(xp, grad_weight, d, h, lin.matmul_dtype)
@@ -195,17 +194,46 @@ def linear_cross_entropy_forward_backward(hidden, weight, label, bias=None, loss
             None if grad_bias is None else grad_bias.astype(dtype, copy=False))
 
 
+# cuBLAS's enums (library_types.h, cublas_api.h): data types, compute types, operations.
+_CUDA_DATA_TYPE = {'float16': 2, 'bfloat16': 14, 'float32': 0, 'float64': 1}
+_CUBLAS_COMPUTE_32F, _CUBLAS_COMPUTE_64F = 68, 70
+_CUBLAS_OP_N, _CUBLAS_OP_T, _CUBLAS_GEMM_DEFAULT = 0, 1, -1
+
+
+def _gemm_accumulate(total, d, h, accumulate):
+    """``total (+)= d.T @ h`` on a GPU in one ``cublasGemmEx``: ``total`` (V, H) in the compute dtype
+    (float32 for 16-bit inputs, whose products cuBLAS accumulates in float32 and adds into
+    ``total`` without rounding them to 16 bits), ``d`` (n, V) and ``h`` (n, H) C-contiguous in
+    the inputs' dtype; ``accumulate=False`` overwrites.  (CuPy's matmul can neither add into its
+    output nor write float32 from 16-bit inputs: a product per vocabulary block and an add made
+    the fused step slower than the unfused composition.)  Column-major, ``total`` is the (H, V)
+    matrix ``h^T d``: A = h as (H, n), B = d as (V, n) transposed."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+    V, H = total.shape
+    n = d.shape[0]
+    d, h = cupy.ascontiguousarray(d), cupy.ascontiguousarray(h)
+    double = total.dtype == numpy.float64
+    scalars = numpy.array([1.0, 1.0 if accumulate else 0.0], numpy.float64 if double else numpy.float32)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    in_type = _CUDA_DATA_TYPE[h.dtype.name]
+    cublas.gemmEx(handle, _CUBLAS_OP_N, _CUBLAS_OP_T, H, V, n,
+                  scalars.ctypes.data, h.data.ptr, in_type, H,
+                  d.data.ptr, in_type, V,
+                  scalars.ctypes.data + scalars.itemsize, total.data.ptr, _CUDA_DATA_TYPE[total.dtype.name], H,
+                  _CUBLAS_COMPUTE_64F if double else _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+
+
 def _accumulate_product(xp, total, d, h, dtype):
-    """``total += d.T @ h`` a block of rows of ``total`` at a time (VOCAB_BLOCK on the CPU, up to
-    VOCAB_BLOCK_BYTES_GPU on a GPU), each product into
+    """``total += d.T @ h`` (NumPy) a block of VOCAB_BLOCK rows of ``total`` at a time, each product into
     one reused buffer: the whole (V, H) product would be a second grad_weight-sized temporary (250
     MiB at V = 32000, H = 2048) and its page faults on every chunk.  (BLAS can accumulate into C,
     but NumPy's and CuPy's matmul overwrite ``out``.)"""
     V, H = total.shape
-    rows = VOCAB_BLOCK if xp is numpy else max(VOCAB_BLOCK, VOCAB_BLOCK_BYTES_GPU // (H * numpy.dtype(dtype).itemsize))
-    block = xp.empty((min(rows, V), H), dtype)
-    for v0 in range(0, V, rows):
-        v1 = min(V, v0 + rows)
+    block = xp.empty((min(VOCAB_BLOCK, V), H), dtype)
+    for v0 in range(0, V, VOCAB_BLOCK):
+        v1 = min(V, v0 + VOCAB_BLOCK)
         product = block[:v1 - v0]
         xp.matmul(d[:, v0:v1].T, h, out=product)
         total[v0:v1] += product

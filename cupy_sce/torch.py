@@ -64,11 +64,24 @@ def _to_tensor(array, device):
     return torch.from_dlpack(array).to(device)
 
 
+def _torch_memory(size):
+    """A CuPy allocator on PyTorch's caching allocator: device memory owned by a uint8 tensor of
+    the current device and stream, freed to PyTorch when CuPy drops it.  Inside a CUDA graph
+    capture PyTorch serves it from the graph's private pool; CuPy's own pool would call
+    cudaMalloc there, which a capture forbids."""
+    import cupy
+    owner = torch.empty(max(size, 1), dtype=torch.uint8, device='cuda')
+    memory = cupy.cuda.UnownedMemory(owner.data_ptr(), size, owner, owner.device.index)
+    return cupy.cuda.MemoryPointer(memory, 0)
+
+
 def _stream(tensor):
-    """CuPy on PyTorch's current stream of a CUDA tensor's device (nothing for CPU tensors)."""
+    """CuPy on PyTorch's current stream and memory of a CUDA tensor's device (nothing for CPU
+    tensors)."""
     if tensor.device.type != 'cuda':
         return _bridge.cupy_stream(None, None)
-    return _bridge.cupy_stream(tensor.device.index, torch.cuda.current_stream(tensor.device).cuda_stream)
+    return _bridge.cupy_stream(tensor.device.index, torch.cuda.current_stream(tensor.device).cuda_stream,
+                               _torch_memory)
 
 
 def _check(input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward):

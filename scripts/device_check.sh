@@ -8,7 +8,7 @@
 # peer; dask/distributed for their tests: wheels in .whl are installed first when present); uses
 # cupy_sce from this checkout.
 #   PYTHON=python3 bash scripts/device_check.sh [section ...]   (default: all, in this order)
-# sections: compile bench tests profile tune accuracy gradcheck
+# sections: compile bench tests profile ncu tune accuracy gradcheck
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device_check_out}"
@@ -22,13 +22,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
-sections="${*:-compile bench tests profile tune accuracy gradcheck}"
+sections="${*:-compile bench tests profile ncu tune accuracy gradcheck}"
 status=0
 section() { case " $sections " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 stamp() { echo "== $(date +%T) $*"; }
 if section compile; then
   stamp "kernel modules, compiled in parallel (the tests and tune_gpu.py then find them cached)"
-  timeout 100 "$PY" scripts/precompile.py --knobs 2>&1 | tail -5 || status=1
+  knobs=""; if section tune; then knobs=--knobs; fi  # tune_gpu.py's variants too
+  timeout 100 "$PY" scripts/precompile.py $knobs 2>&1 | tail -5 || status=1
 fi
 if section bench; then
   stamp "GPU benchmark"
@@ -46,6 +47,20 @@ if section profile; then
   stamp "host and device time per call, and where the host time goes"
   timeout 90 "$PY" scripts/profile_gpu.py --calls 100 >"$OUT/profile_gpu.log" 2>&1 || status=1
   grep "label check" "$OUT/profile_gpu.log"
+fi
+if section ncu; then
+  stamp "Nsight Compute on the float16 loss-only forward at 8192 x 128256 (where its time goes)"
+  timeout 120 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis \
+    -k regex:cupy_sce_rows -s 1 -c 1 "$PY" -c "
+import numpy, cupy, cupy_sce
+x = (cupy.random.standard_normal((8192, 128256), dtype=numpy.float32) * 2).astype(numpy.float16)
+label = cupy.random.randint(0, 128256, (8192, 1))
+with cupy_sce.label_check(False):
+    for _ in range(2):
+        cupy_sce.forward(x, label)
+cupy.cuda.runtime.deviceSynchronize()" >"$OUT/ncu.log" 2>&1 || status=1
+  grep -E "Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Issued Ipc|Executed Ipc|Stall|stall|Warp Cycles|Block Limit|Executed Instructions" "$OUT/ncu.log" | head -40
 fi
 if section tune; then
   stamp "kernel variants ${TUNE_ARGS:-}"

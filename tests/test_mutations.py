@@ -214,7 +214,7 @@ def test_mutant_is_caught(mutant_results, name):
 
 HOST_MUTANTS = {  # name: (function of cupy_sce._api, original text, mutated text)
     'mean divisor counts ignored rows': (
-        '_normalizer', 'counted = ~p.ignored()', 'counted = p.label == p.label'),
+        '_normalizer', 'counted = p.ignored(kept=True)', 'counted = p.label == p.label'),
     'mean divisor ignores the class weights': (
         '_normalizer', '    if p.weight is None:\n        return counted.sum(dtype=acc)',
         '    if True:\n        return counted.sum(dtype=acc)'),

@@ -331,6 +331,10 @@ class HarnessRuntime:
     def read_scalar(array):
         return int(array[0])
 
+    @staticmethod
+    def bad_row_buffer():
+        return numpy.full((1,), _cupy_backend.NO_BAD_ROW, dtype=numpy.uint64)
+
 
 def backend():
     """A ``CupyBackend`` whose kernels run on the CPU (see module docstring)."""
