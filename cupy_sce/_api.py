@@ -406,34 +406,17 @@ def _normalizer(p):
     return xp.where(counted, p.hard_row_weight(xp.where(in_range, p.label, 0)), 0).sum(dtype=acc)
 
 
-def _per_mean_divisor(p, value, out=None):
+def _per_mean_divisor(p, value):
     """``value / D`` for reduction='mean', 0 where D is 0 (every row ignored, or weights summing
-    to 0), into ``out`` (broadcast) when given.  D is computed once per call: the loss and the
-    gradient of a fused call share it."""
-    divisor = getattr(p, 'mean_divisor', None)
-    if divisor is None:
-        divisor = p.mean_divisor = _normalizer(p)
-    return _divide_or_zero(p.xp, value, divisor, out)
-
-
-_DIVIDE_OR_ZERO = []  # the CuPy kernel, made on first use
-
-
-def _divide_or_zero(xp, value, divisor, out=None):
-    """``value / divisor``, 0 where ``divisor`` is 0, broadcast into ``out`` when given: one fused
-    kernel on CuPy (each array operation costs a launch and tens of us of host time, and a small
-    call's mean is several of them)."""
-    if xp is numpy:
-        result = numpy.where(divisor == 0, 0, value / numpy.where(divisor == 0, 1, divisor)).astype(divisor.dtype)
-        if out is None:
-            return result
-        out[...] = result
-        return out
-    if not _DIVIDE_OR_ZERO:
-        _DIVIDE_OR_ZERO.append(cupy.ElementwiseKernel(
-            'T value, T divisor', 'T quotient', 'quotient = divisor == T(0) ? T(0) : value / divisor',
-            'cupy_sce_divide_or_zero'))
-    return _DIVIDE_OR_ZERO[0](value, divisor, out)
+    to 0).  D (with its test for 0) is computed once per call: the loss and the gradient of a
+    fused call share it.  Three array operations a use, each a launch and tens of us of host
+    time on CuPy: a small call's mean is a good part of its time."""
+    found = getattr(p, 'mean_divisor', None)
+    if found is None:
+        divisor = _normalizer(p)
+        found = p.mean_divisor = (divisor, divisor == 0, p.xp.zeros((), p.acc_dtype))
+    divisor, is_zero, zero = found
+    return p.xp.where(is_zero, zero, value / divisor)
 
 
 def _shaped_loss(p, loss, reduction):
@@ -488,8 +471,8 @@ def _reduced_loss_grad(p, loss_grad, reduction):
     else:
         check_scalar_loss_grad(loss_grad, reduction)
         g = loss_grad.astype(acc, copy=False)
-    if reduction == 'mean':  # divided straight into the rows
-        return _per_mean_divisor(p, g, xp.empty((p.outer, p.inner), acc))
+    if reduction == 'mean':
+        g = _per_mean_divisor(p, g)
     return xp.ascontiguousarray(xp.broadcast_to(g, (p.outer, p.inner)))
 
 
