@@ -70,7 +70,8 @@ def _torch_memory(size):
     capture PyTorch serves it from the graph's private pool; CuPy's own pool would call
     cudaMalloc there, which a capture forbids."""
     import cupy
-    owner = torch.empty(max(size, 1), dtype=torch.uint8, device='cuda')
+    device = torch.device('cuda', cupy.cuda.runtime.getDevice())  # the tensor's (see _stream)
+    owner = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
     memory = cupy.cuda.UnownedMemory(owner.data_ptr(), size, owner, owner.device.index)
     return cupy.cuda.MemoryPointer(memory, 0)
 
