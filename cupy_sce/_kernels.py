@@ -179,7 +179,7 @@ TUNING_KNOBS = {
     'prefetch': ('-DSCE_PREFETCH=1',),  # issue the next step's loads before this step's arithmetic
     'exp2 ftz': ('-DSCE_EXP2_FTZ=1',),  # ex2.approx.ftz: no subnormal fix-up
     'unroll 8': ('-DSCE_UNROLL=8',),    # 8 loads of 16 bytes in flight per thread, not 4
-    'lean pass 1': ('-DSCE_LEAN_PASS1=1',),  # label tested per chunk, partial sums, ftz ex2 for the sum
+    'lean pass 1': ('-DSCE_LEAN_PASS1=1',),  # the label tested per chunk, a partial sum per chunk
 }
 
 

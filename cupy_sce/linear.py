@@ -212,6 +212,8 @@ def _gemm_accumulate(total, d, h, accumulate):
     from cupy_backends.cuda.libs import cublas
     V, H = total.shape
     n = d.shape[0]
+    if total.size == 0 or n == 0:  # nothing to add (cuBLAS refuses leading dimensions of 0)
+        return
     d, h = cupy.ascontiguousarray(d), cupy.ascontiguousarray(h)
     double = total.dtype == numpy.float64
     scalars = numpy.array([1.0, 1.0 if accumulate else 0.0], numpy.float64 if double else numpy.float32)

@@ -4,9 +4,10 @@
 # Dask with CuPy chunks, a one-GPU NCCL communicator), the kernel variants of tune_gpu.py, the
 # worst ulp errors and the gradient check on the cupy backend.  Each section has its own time
 # limit (seconds, below), so that one that hangs costs only its own results.  Logs go to $OUT (or
-# ./device_check_out; at most 8 files, what a device call brings back).  Needs CuPy, numpy, pytest, hypothesis and ml_dtypes (torch optional, as a
-# peer; dask/distributed for their tests: wheels in .whl are installed first when present); uses
-# cupy_sce from this checkout.
+# ./device_check_out; at most 8 files, what a device call brings back).  Needs CuPy, numpy, pytest,
+# hypothesis and ml_dtypes (pytest-xdist and pytest-timeout speed the tests up and are used when
+# present; torch optional, as a peer; dask/distributed for their tests: wheels in .whl are
+# installed first when present); uses cupy_sce from this checkout.
 #   PYTHON=python3 bash scripts/device_check.sh [section ...]   (default: all, in this order)
 # sections: compile bench tests profile ncu tune accuracy gradcheck
 set -uo pipefail
@@ -37,7 +38,9 @@ if section bench; then
 fi
 if section tests; then
   stamp "GPU tests (a line per test in gpu_tests.log, so that a run cut short still says what passed)"
-  timeout 130 "$PY" -m pytest -v -p no:cacheprovider -rfEs -n 8 --timeout 90 tests/test_cupy_backend.py \
+  parallel=""; "$PY" -c "import xdist" 2>/dev/null && parallel="-n 8"
+  "$PY" -c "import pytest_timeout" 2>/dev/null && parallel="$parallel --timeout 90"
+  timeout 130 "$PY" -m pytest -v -p no:cacheprovider -rfEs $parallel tests/test_cupy_backend.py \
     tests/test_semantics.py tests/test_family.py tests/test_contract.py tests/test_linear.py \
     tests/test_torch.py tests/test_dask.py tests/test_distributed.py \
     -k "cupy or gpu or cuda or nccl" >"$OUT/gpu_tests.log" 2>&1 || status=1

@@ -94,7 +94,7 @@ def test_nvrtc_compiles_every_tuning_knob(dtype, knob):
     names = _featureless(dtype)
     ptx = _ptx(dtype, _kernels.TUNING_KNOBS[knob], names=names)
     assert 'cupy_sce_rows' in ptx and ptx != _ptx(dtype, names=names)
-    if knob in ('exp2 ftz', 'lean pass 1'):
+    if knob == 'exp2 ftz':
         assert 'ex2.approx.ftz.f32' in ptx
 
 
@@ -129,7 +129,7 @@ def test_registers_allow_the_largest_block(dtype, arch):
     if dtype != numpy.float64:
         # the kernels of long rows (no row cache), featureless or with a soft cap on 16-bit types:
         # no spills under that bound (the H200 measured 16-bit ones that spilled at half speed)
-        long_rows = [n for n in usage if n.startswith('cupy_sce_rows<') and n.endswith('false>')]
+        long_rows = [n for n in usage if n.startswith('cupy_sce_rows') and n.endswith('false>')]
         assert long_rows
         spilled = {n: usage[n][1] for n in long_rows if usage[n][1]}
         assert not spilled, spilled

@@ -78,10 +78,11 @@
 #ifndef SCE_PREFETCH
 #define SCE_PREFETCH 0
 #endif
-// Pass 1's per-element work: 1 tests for the label's chunk once per chunk (not a 64-bit compare per
-// element), keeps one partial sum per unrolled chunk (no chain of dependent adds through
-// state.sum) and takes the flush-to-zero ex2 for the sum's terms (exp_sum_term); 0 is the plain
-// loop.  The sums are grouped differently, so the bits differ.
+// Pass 1's per-element work: 1 tests for the label's chunk once per chunk (not a 64-bit compare and
+// a branch per element) and keeps one partial sum per unrolled chunk (no chain of dependent adds
+// through state.sum); 0 is the plain loop.  The sums are grouped differently, so the bits differ.
+// (A flush-to-zero exp for the sum's terms would be wrong here: with the label's term left out, a
+// confident row's sum holds only terms that may all be subnormal, and its loss is their log1p.)
 #ifndef SCE_LEAN_PASS1
 #define SCE_LEAN_PASS1 0
 #endif
@@ -292,7 +293,7 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
                     if (j >= at.seg_end) continue;
                     const bool label_here = skip_label && j == label_chunk;
                     for (int e = 0; e < VEC; ++e) {
-                        const A term = exp_sum_term(y(u, e) - state.max);
+                        const A term = exp_shifted(y(u, e) - state.max);
                         part[u] += label_here && e == label_lane ? A(0) : term;
                     }
                 }

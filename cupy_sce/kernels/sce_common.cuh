@@ -84,19 +84,6 @@ __device__ __forceinline__ float exp_shifted(float d) {
 #endif
 }
 __device__ __forceinline__ double exp_shifted(double d) { return exp(d); }
-// exp(d) for a term of pass 1's sum (d = y - max <= 0) on the lean path (SCE_LEAN_PASS1): the
-// hardware ex2 with subnormal results flushed to 0 (one instruction, not exp2f's fix-up).  A term
-// below 2**-126 cannot change a sum that holds the max's term 1, so only outputs need exp2f.
-__device__ __forceinline__ float exp_sum_term(float d) {
-#if defined(__CUDA_ARCH__)
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d * 1.4426950408889634f));
-    return r;
-#else
-    return exp2f(d * 1.4426950408889634f);
-#endif
-}
-__device__ __forceinline__ double exp_sum_term(double d) { return exp(d); }
 __device__ __forceinline__ float tanh_acc(float v) { return tanhf(v); }
 __device__ __forceinline__ double tanh_acc(double v) { return tanh(v); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
