@@ -294,7 +294,15 @@ def run_cluster_cases(backend, rng, monkeypatch, launched):
                         cupy_sce.forward_backward(logits, backend.asarray(label), ignore_index=1,
                                                   inplace=True)
                     numpy.testing.assert_array_equal(backend.to_numpy(logits), expected)
-    # the re-reading clusters (CLUSTER_REREAD): the fused forward+backward of hard labels
+
+
+def run_reread_cluster_cases(backend, rng, monkeypatch, launched):
+    """The re-reading clusters (CLUSTER_REREAD), which only the featureless fused forward+backward
+    of hard labels takes: shrunken limits send rows of a few hundred classes through clusters of
+    2 and 4 CTAs (of CLUSTER_BLOCK threads), every dtype, label type and vector width; out of place
+    and in place against the float64 reference."""
+    from cupy_sce import _cupy_backend, _kernels
+    monkeypatch.setattr(_cupy_backend, 'GROUP_TABLE', ((float('inf'), 64),))
     monkeypatch.setattr(_cupy_backend, 'USE_CLUSTERS', False)
     monkeypatch.setattr(_cupy_backend, 'REREAD_BLOCK', _cupy_backend.CLUSTER_BLOCK)
     for reread in _kernels.REREAD_CLUSTER_SIZES:

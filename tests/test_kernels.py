@@ -11,7 +11,8 @@ import pytest
 import cupy_sce
 from cupy_sce import _cupy_backend, _kernels
 from cupy_sce.testing import harness
-from helpers import BFLOAT16, DTYPES, HALF_DTYPES, Backend, assert_all_outputs, check_features, make_case, run_cluster_cases
+from helpers import (BFLOAT16, DTYPES, HALF_DTYPES, Backend, assert_all_outputs, check_features, make_case,
+                     run_cluster_cases, run_reread_cluster_cases)
 from reference import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,8 +91,11 @@ def test_nvrtc_compiles_every_instantiation(dtype, arch):
 @pytest.mark.parametrize('knob', sorted(_kernels.TUNING_KNOBS))
 @pytest.mark.parametrize('dtype', [numpy.float16, numpy.float32])  # what tune_gpu.py times
 def test_nvrtc_compiles_every_tuning_knob(dtype, knob):
-    """A knob builds, and changes the code (test_scripts runs each on the harness)."""
-    names = _featureless(dtype)
+    """A knob builds, and changes the code (test_scripts runs each on the harness), in the kernels
+    tune_gpu.py times: the featureless rows kernels of the forward and the fused forward+backward
+    (every label type, vector width and row cache)."""
+    names = tuple(n for n in _featureless(dtype) if n.startswith('cupy_sce_rows<')
+                  and _kernels.module_key(n)[0] in (_kernels.OPS['forward'], _kernels.OPS['forward_backward']))
     ptx = _ptx(dtype, _kernels.TUNING_KNOBS[knob], names=names)
     assert 'cupy_sce_rows' in ptx and ptx != _ptx(dtype, names=names)
     if knob == 'exp2 ftz':
@@ -362,8 +366,21 @@ def test_cluster_instantiations_run_and_match(monkeypatch):
     runtime = backend.runtime
     monkeypatch.setattr(_cupy_backend, 'CLUSTER_BLOCK', 64)
     run_cluster_cases(backend, numpy.random.default_rng(4), monkeypatch, runtime.launched)
-    expected = {n for n in harness.library_names(0) if _kernels.cluster_size(n) > 1}
+    expected = {n for n in harness.library_names(0) if _kernels.cluster_size(n) > 1 and n.endswith('true>')}
     assert set(runtime.launched) >= expected, expected - set(runtime.launched)
+
+
+@needs_harness
+def test_reread_cluster_instantiations_run_and_match(monkeypatch):
+    """Every re-reading cluster instantiation (CLUSTER_REREAD), 64-thread CTAs.  Not in the
+    mutants' probe (tests/test_mutations.py): their code is the caching clusters' and the rows
+    kernels' pass 2, which the probe covers, and the probe runs once per mutant."""
+    backend = Backend('harness')
+    runtime = backend.runtime
+    monkeypatch.setattr(_cupy_backend, 'CLUSTER_BLOCK', 64)
+    run_reread_cluster_cases(backend, numpy.random.default_rng(7), monkeypatch, runtime.launched)
+    expected = {n for n in harness.library_names(0) if _kernels.cluster_size(n) > 1 and n.endswith('false>')}
+    assert expected and set(runtime.launched) >= expected, expected - set(runtime.launched)
 
 
 @needs_harness

@@ -290,14 +290,16 @@ class HarnessRuntime:
     """The CuPy backend's runtime with NumPy arrays and kernels executed on the CPU.
 
     ``options`` (``-D`` flags) and ``dtypes`` build a library of their own, with only those
-    dtypes' instantiations (a tuning knob's variant); by default the shared ``library()``.
+    dtypes' instantiations (a tuning knob's variant), or with ``names`` only those; by default the
+    shared ``library()``.
     """
     xp = numpy
 
-    def __init__(self, options=(), dtypes=None):
+    def __init__(self, options=(), dtypes=None, names=None):
         self.launched = []  # kernel names, in order: tests check which variant ran
         self.kernels = {}
         self.dtypes = None if dtypes is None else [numpy.dtype(d) for d in dtypes]
+        self.names = None if names is None else list(names)
         self.options = tuple(options)
         self.libs = {}
 
@@ -314,6 +316,8 @@ class HarnessRuntime:
             key = library_key(name)
             if key not in self.libs:
                 names = None if self.dtypes is None else library_names(key, self.dtypes)
+                if self.names is not None:
+                    names = [n for n in (names or library_names(key)) if n in self.names]
                 self.libs[key] = library(key, names, self.options)
             kernel = self.kernels[name] = _HarnessKernel(name, self.libs[key])
         return kernel
