@@ -54,12 +54,6 @@ STATE_SLOTS = 33
 USE_CLUSTERS = False
 CLUSTER_SEGMENT_LIMIT = 64 * 1024
 CLUSTER_BLOCK = 256
-# With CLUSTER_REREAD = C (2 or 4, _kernels.REREAD_CLUSTER_SIZES) the featureless fused
-# forward+backward of such rows (_kernels.REREAD_OPS, hard labels) splits each row over a cluster
-# of C CTAs of REREAD_BLOCK threads that re-read their segments in pass 2: with few rows in
-# flight (about one CTA per SM, C CTAs per row) the re-read hits L2 instead of HBM.  0: off.
-CLUSTER_REREAD = 0
-REREAD_BLOCK = 1024
 # Launch plans a backend keeps (see CupyBackend._plan); a training loop has a handful of shapes.
 PLAN_CACHE_SIZE = 1024
 NO_BAD_ROW = numpy.iinfo(numpy.uint64).max
@@ -178,23 +172,18 @@ def launch_plan(dtype, label_type, op, features, n_rows, K, inner, vec, clusters
     # re-reads it (softmax, gradient or soft loss), and the block's rows fit.
     cacheable = inner == 1 and _kernels._cacheable(op, label_type)
     cache_row = cacheable and shared_mem_bytes(dtype, K, inner, group, True) <= SHARED_LIMIT
-    cluster, reread = 1, False
-    # a cluster splits one row, so only where a row has a block of its own
-    long_row = cacheable and not cache_row and group > 32 and features == 0 and clusters[0]
-    if USE_CLUSTERS and long_row:
+    cluster = 1
+    if USE_CLUSTERS and cacheable and not cache_row and group > 32 and features == 0 and clusters[0]:
+        # a cluster splits one row, so only where a row has a block of its own
         cluster = _cluster_size(dtype, K, vec, clusters[1])
-    if cluster == 1 and CLUSTER_REREAD > 1 and long_row and op in _kernels.REREAD_OPS \
-            and label_type in _kernels.LABEL_TYPE.values():
-        cluster, reread = CLUSTER_REREAD, True
-    if cluster > 1:  # a row per cluster, each CTA caching its segment or re-reading it
-        group = REREAD_BLOCK if reread else CLUSTER_BLOCK
-        name = _kernels.cluster_name(dtype, label_type, op, features, vec, cluster, not reread)
+    if cluster > 1:  # a row per cluster, each CTA caching its segment
+        group = CLUSTER_BLOCK
+        name = _kernels.cluster_name(dtype, label_type, op, features, vec, cluster)
     else:
         name = _kernels.rows_name(dtype, label_type, op, features, vec, cache_row)
     grid, block = launch_geometry(n_rows, inner, group, cluster)
-    shared = (state_area_bytes(dtype) if reread
-              else shared_mem_bytes(dtype, K, inner, group, cache_row, cluster, vec))
-    return LaunchPlan(name, grid, block, shared, group, cache_row or (cluster > 1 and not reread), cluster)
+    return LaunchPlan(name, grid, block, shared_mem_bytes(dtype, K, inner, group, cache_row, cluster, vec),
+                      group, cache_row or cluster > 1, cluster)
 
 
 def _cluster_size(dtype, K, vec, optin):
@@ -260,7 +249,7 @@ class CupyBackend:
         vec, staged = self._stage_misaligned(p, dict(x=x, softmax_in=softmax_in, softmax=softmax, grad=grad))
         x, softmax_in, softmax, grad = (staged[name][0] for name in ('x', 'softmax_in', 'softmax', 'grad'))
         label_type = self._label_type(p) if labelled else 'int'
-        clusters = self.runtime.limits() if USE_CLUSTERS or CLUSTER_REREAD else (False, 0)
+        clusters = self.runtime.limits() if USE_CLUSTERS else (False, 0)
         plan = self._plan(p.dtype, label_type, op, features, p.outer * p.inner, p.K, p.inner, vec, clusters)
         acc = p.acc_dtype.type
         args = tuple(self._ptr(a) for a in (x, p.label if labelled else None, softmax_in, lse_in, loss_grad,
@@ -308,7 +297,7 @@ class CupyBackend:
         module's tuning constants (which tests and tune_gpu.py may change: they are part of the
         key), and computing it is a good part of a small call's host time."""
         key = args + (GROUP_TABLE, CHUNKS_PER_THREAD, COLUMN_SLICES, ROWS_BLOCK, SHARED_LIMIT, USE_CLUSTERS,
-                      CLUSTER_SEGMENT_LIMIT, CLUSTER_BLOCK, CLUSTER_REREAD, REREAD_BLOCK, group_size_for,
+                      CLUSTER_SEGMENT_LIMIT, CLUSTER_BLOCK, group_size_for,
                       launch_geometry, shared_mem_bytes)
         plan = self._plans.get(key)
         if plan is None:

@@ -67,10 +67,6 @@ def rows_name(dtype, label_type, op, features, vec, cache_row=False):
 
 
 CLUSTER_SIZES = (2, 4, 8)  # thread block clusters of cupy_sce_rows_cluster (8: the portable maximum)
-# Clusters whose CTAs re-read their segment in pass 2 (no row cache): the featureless fused
-# forward+backward of hard labels, where a row is too long for shared memory.
-REREAD_CLUSTER_SIZES = (2, 4)
-REREAD_OPS = ('forward_backward',)
 
 
 def cluster_name(dtype, label_type, op, features, vec, cluster, cache_row=True):
@@ -114,8 +110,7 @@ def label_types(dtype):
 def name_expressions(dtype):
     """Every instantiation the backend can launch for logits of ``dtype``: per operation, label
     type, feature set (FEATURE_OPS: all 16; the others none), VEC (1 and 16 bytes) and row cache;
-    the cluster kernels for the featureless ops that cache, and the re-reading ones (REREAD_OPS);
-    the building blocks."""
+    the cluster kernels for the featureless ops that cache; the building blocks."""
     vecs = (1, vector_width(dtype))
     names = []
     for op in OPS:
@@ -127,9 +122,6 @@ def name_expressions(dtype):
         for lt in label_types(dtype):
             if op != 'lse' and _cacheable(op, lt):
                 names += [cluster_name(dtype, lt, op, 0, v, c) for v in vecs for c in CLUSTER_SIZES]
-    for op in REREAD_OPS:
-        for lt in LABEL_TYPE.values():
-            names += [cluster_name(dtype, lt, op, 0, v, c, False) for v in vecs for c in REREAD_CLUSTER_SIZES]
     names += [row_max_name(dtype, v) for v in vecs]
     names += [gather_name(dtype, lt) for lt in LABEL_TYPE.values()]
     return names

@@ -296,39 +296,6 @@ def run_cluster_cases(backend, rng, monkeypatch, launched):
                     numpy.testing.assert_array_equal(backend.to_numpy(logits), expected)
 
 
-def run_reread_cluster_cases(backend, rng, monkeypatch, launched):
-    """The re-reading clusters (CLUSTER_REREAD), which only the featureless fused forward+backward
-    of hard labels takes: shrunken limits send rows of a few hundred classes through clusters of
-    2 and 4 CTAs (of CLUSTER_BLOCK threads), every dtype, label type and vector width; out of place
-    and in place against the float64 reference."""
-    from cupy_sce import _cupy_backend, _kernels
-    monkeypatch.setattr(_cupy_backend, 'GROUP_TABLE', ((float('inf'), 64),))
-    monkeypatch.setattr(_cupy_backend, 'USE_CLUSTERS', False)
-    monkeypatch.setattr(_cupy_backend, 'REREAD_BLOCK', _cupy_backend.CLUSTER_BLOCK)
-    for reread in _kernels.REREAD_CLUSTER_SIZES:
-        monkeypatch.setattr(_cupy_backend, 'CLUSTER_REREAD', reread)
-        for dtype in DTYPES:
-            monkeypatch.setattr(_cupy_backend, 'SHARED_LIMIT', _cupy_backend.state_area_bytes(dtype) + SEGMENT_BYTES)
-            vec = _kernels.vector_width(dtype)
-            for K in (reread * 37 * vec, reread * 37 * vec + 1):  # 16-byte vectors; scalar loads
-                for label_dtype in (numpy.int32, numpy.int64):
-                    # only the fused forward+backward takes these kernels: it alone is checked
-                    x, label = make_case(rng, (3, K), -1, dtype=dtype, ignore_index=1, label_dtype=label_dtype)
-                    ref_loss, _, ref_grad, _ = reference(x, label, False, 1, -1, None)
-                    before = len(launched)
-                    loss, expected = backend(cupy_sce.forward_backward, x, label, ignore_index=1)
-                    numpy.testing.assert_allclose(loss, ref_loss, **TOL[x.dtype.type])
-                    numpy.testing.assert_allclose(expected, ref_grad, **grad_tol('fused', x.dtype.type))
-                    expected_name = _kernels.cluster_name(dtype, _kernels.LABEL_TYPE[numpy.dtype(label_dtype)],
-                                                          'forward_backward', 0, vec if K % vec == 0 else 1,
-                                                          reread, False)
-                    assert expected_name in launched[before:], (expected_name, launched[before:])
-                    logits = backend.asarray(x.copy())
-                    with backend.active():
-                        cupy_sce.forward_backward(logits, backend.asarray(label), ignore_index=1, inplace=True)
-                    numpy.testing.assert_array_equal(backend.to_numpy(logits), expected)
-
-
 def traced_peak(fn):
     """``(result, extra)``: ``fn()``'s result and the peak bytes NumPy allocated during it beyond what
     was allocated before (tracemalloc; what the result holds is included)."""

@@ -8,7 +8,7 @@ import pytest
 
 import cupy_sce
 from cupy_sce import testing as sce_testing
-from helpers import Backend, assert_all_outputs, gpu_available, make_case, run_cluster_cases, run_reread_cluster_cases
+from helpers import Backend, assert_all_outputs, gpu_available, make_case, run_cluster_cases
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not gpu_available(), reason='no CUDA GPU present (CuPy cannot allocate)')]
@@ -157,4 +157,3 @@ def test_every_cluster_size_on_device(monkeypatch):
     original = runtime.kernel
     monkeypatch.setattr(runtime, 'kernel', lambda dtype, name: launched.append(name) or original(dtype, name))
     run_cluster_cases(Backend('cupy'), numpy.random.default_rng(5), monkeypatch, launched)
-    run_reread_cluster_cases(Backend('cupy'), numpy.random.default_rng(6), monkeypatch, launched)

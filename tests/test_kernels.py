@@ -11,8 +11,7 @@ import pytest
 import cupy_sce
 from cupy_sce import _cupy_backend, _kernels
 from cupy_sce.testing import harness
-from helpers import (BFLOAT16, DTYPES, HALF_DTYPES, Backend, assert_all_outputs, check_features, make_case,
-                     run_cluster_cases, run_reread_cluster_cases)
+from helpers import BFLOAT16, DTYPES, HALF_DTYPES, Backend, assert_all_outputs, check_features, make_case, run_cluster_cases
 from reference import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -128,7 +127,7 @@ def test_registers_allow_the_largest_block(dtype, arch):
     usage = _registers(dtype, arch)
     assert len(usage) == len(_register_subjects(dtype))
     blocks = [group for _, group in _cupy_backend.GROUP_TABLE if group]
-    assert max(blocks + [_cupy_backend.ROWS_BLOCK, _cupy_backend.CLUSTER_BLOCK, _cupy_backend.REREAD_BLOCK]) <= 1024
+    assert max(blocks + [_cupy_backend.ROWS_BLOCK, _cupy_backend.CLUSTER_BLOCK]) <= 1024
     assert all(0 < regs <= 65536 // 1024 for regs, _ in usage.values()), usage
     if dtype != numpy.float64:
         # the kernels of long rows (no row cache), featureless or with a soft cap on 16-bit types:
@@ -190,11 +189,11 @@ def test_nvrtc_reports_compile_errors(tmp_path, monkeypatch):
 def test_instantiation_list():
     """Per dtype: lse 2; Paddle's forward with softmax 12 and grad op 6; forward 16 feature sets x
     (2 hard labels x 2 VEC + soft x 2 VEC x 2 caches) = 128; forward+backward 16 x 3 x 2 x 2 = 192;
-    backward from lse 16 x 3 x 2 = 96; clusters (featureless ops that cache) 7 x 2 x 3 = 42, and
-    re-reading ones (featureless forward+backward, hard labels) 2 x 2 x 2 = 8; row max 2, gather 2."""
+    backward from lse 16 x 3 x 2 = 96; clusters (featureless ops that cache) 7 x 2 x 3 = 42; row
+    max 2, gather 2."""
     for dtype in DTYPES:
         names = _kernels.name_expressions(dtype)
-        assert len(names) == len(set(names)) == 2 + 12 + 6 + 128 + 192 + 96 + 42 + 8 + 2 + 2
+        assert len(names) == len(set(names)) == 2 + 12 + 6 + 128 + 192 + 96 + 42 + 2 + 2
         assert all(n.startswith('cupy_sce_') for n in names)
         # modules are compiled lazily: every name in exactly one, featureless ones together
         groups = _kernels.modules(dtype)
@@ -217,7 +216,7 @@ def test_launch_plans_are_cached_per_problem_and_tuning(monkeypatch):
     assert retuned.group == 64 and retuned == _cupy_backend.launch_plan(*args) and first.group != 64
 
 
-def test_launch_plan(monkeypatch):
+def test_launch_plan():
     """The pure launch plan: kernel, geometry, row cache and shared memory from the problem alone."""
     plan = _cupy_backend.launch_plan(numpy.float32, 'long long', 'forward_backward', 0, 10, 1500, 1, 4)
     assert plan.name == 'cupy_sce_rows<float, long long, sce::OP_FORWARD_BACKWARD, 0, 4, true>'
@@ -234,18 +233,7 @@ def test_launch_plan(monkeypatch):
     assert (plan.group, plan.block, plan.grid) == (4, 128, 4)  # columns: 32 rows a block
     assert plan.shared_mem == 32 * 4 * 6 * 8
     plan = _cupy_backend.launch_plan(numpy.float32, 'int', 'forward_backward', 0, 3, 128256, 1, 4, (True, 227 * 1024))
-    assert plan.cluster == 1  # clusters are off by default (USE_CLUSTERS, CLUSTER_REREAD)
-    monkeypatch.setattr(_cupy_backend, 'CLUSTER_REREAD', 4)
-    plan = _cupy_backend.launch_plan(numpy.float32, 'int', 'forward_backward', 0, 3, 128256, 1, 4, (True, 227 * 1024))
-    assert plan.name == 'cupy_sce_rows_cluster<float, int, sce::OP_FORWARD_BACKWARD, 0, 4, 4, false>'
-    assert (plan.cluster, plan.grid, plan.block, plan.group, plan.cache_row) == (4, 12, 1024, 1024, False)
-    assert plan.shared_mem == _cupy_backend.state_area_bytes(numpy.float32)
-    for args in [('forward', 0, 'int'), ('forward_backward', 1, 'int'), ('forward_backward', 0, 'float')]:
-        op, features, label_type = args  # only the featureless fused forward+backward of hard labels
-        plan = _cupy_backend.launch_plan(numpy.float32, label_type, op, features, 3, 128256, 1, 4, (True, 227 * 1024))
-        assert plan.cluster == 1, args
-    plan = _cupy_backend.launch_plan(numpy.float32, 'int', 'forward_backward', 0, 3, 128256, 1, 4, (False, 0))
-    assert plan.cluster == 1  # no clusters before sm_90
+    assert plan.cluster == 1  # clusters are off by default (USE_CLUSTERS)
 
 
 @needs_harness
@@ -366,21 +354,8 @@ def test_cluster_instantiations_run_and_match(monkeypatch):
     runtime = backend.runtime
     monkeypatch.setattr(_cupy_backend, 'CLUSTER_BLOCK', 64)
     run_cluster_cases(backend, numpy.random.default_rng(4), monkeypatch, runtime.launched)
-    expected = {n for n in harness.library_names(0) if _kernels.cluster_size(n) > 1 and n.endswith('true>')}
+    expected = {n for n in harness.library_names(0) if _kernels.cluster_size(n) > 1}
     assert set(runtime.launched) >= expected, expected - set(runtime.launched)
-
-
-@needs_harness
-def test_reread_cluster_instantiations_run_and_match(monkeypatch):
-    """Every re-reading cluster instantiation (CLUSTER_REREAD), 64-thread CTAs.  Not in the
-    mutants' probe (tests/test_mutations.py): their code is the caching clusters' and the rows
-    kernels' pass 2, which the probe covers, and the probe runs once per mutant."""
-    backend = Backend('harness')
-    runtime = backend.runtime
-    monkeypatch.setattr(_cupy_backend, 'CLUSTER_BLOCK', 64)
-    run_reread_cluster_cases(backend, numpy.random.default_rng(7), monkeypatch, runtime.launched)
-    expected = {n for n in harness.library_names(0) if _kernels.cluster_size(n) > 1 and n.endswith('false>')}
-    assert expected and set(runtime.launched) >= expected, expected - set(runtime.launched)
 
 
 @needs_harness

@@ -604,9 +604,9 @@ __global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_rows(SCE_ROWS_PARAMS) 
 //   true : rows whose cache does not fit one CTA's shared memory: each CTA keeps its segment,
 //          ceil(K / VEC / CLUSTER) vectors after the SCE_STATE_SLOTS row states (the host opts in
 //          above 48 KiB), so the row is read once from global memory;
-//   false: pass 2 re-reads the segment from global memory, but with a row's CTAs working on it
-//          together the rows in flight are few enough that the re-read finds the segment in L2;
-//          dynamic shared memory is the row states only.
+//   false: pass 2 re-reads the segment from global memory (dynamic shared memory: the row states
+//          only), meant to keep few rows in flight so that the re-read finds them in L2.  Not
+//          instantiated: on an H200 it did not beat the plain re-read (docs/performance.md).
 // ------------------------------------------------------------------------------------------
 template <typename T, typename L, int OP, int F, int VEC, int CLUSTER, bool CACHE_ROW>
 __global__ void __launch_bounds__(SCE_MAX_BLOCK) SCE_CLUSTER_DIMS(CLUSTER) cupy_sce_rows_cluster(SCE_ROWS_PARAMS) {
