@@ -22,7 +22,7 @@ try:  # CuPy is optional: without it every call runs on the NumPy backend.
 except ImportError:  # pragma: no cover - exercised on machines without CuPy
     cupy = None
 
-from cupy_sce import _dtypes, _kernels, _numpy_backend, _probabilities
+from cupy_sce import _dtypes, _kernels, _numpy_backend, _probabilities, _split
 from cupy_sce._numpy_backend import _quiet  # NaN and inf are valid values: no RuntimeWarnings
 
 _state = threading.local()
@@ -408,15 +408,12 @@ def _normalizer(p):
 
 def _per_mean_divisor(p, value):
     """``value / D`` for reduction='mean', 0 where D is 0 (every row ignored, or weights summing
-    to 0).  D (with its test for 0) is computed once per call: the loss and the gradient of a
-    fused call share it.  Three array operations a use, each a launch and tens of us of host
-    time on CuPy: a small call's mean is a good part of its time."""
-    found = getattr(p, 'mean_divisor', None)
-    if found is None:
-        divisor = _normalizer(p)
-        found = p.mean_divisor = (divisor, divisor == 0, p.xp.zeros((), p.acc_dtype))
-    divisor, is_zero, zero = found
-    return p.xp.where(is_zero, zero, value / divisor)
+    to 0; ``_split.divided``, as Dask and the vocabulary-parallel loss divide).  D is computed
+    once per call: the loss and the gradient of a fused call share it."""
+    divisor = getattr(p, 'mean_divisor', None)
+    if divisor is None:
+        divisor = p.mean_divisor = _normalizer(p)
+    return _split.divided(p.xp, value, divisor)
 
 
 def _shaped_loss(p, loss, reduction):

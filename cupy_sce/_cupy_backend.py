@@ -297,8 +297,7 @@ class CupyBackend:
         module's tuning constants (which tests and tune_gpu.py may change: they are part of the
         key), and computing it is a good part of a small call's host time."""
         key = args + (GROUP_TABLE, CHUNKS_PER_THREAD, COLUMN_SLICES, ROWS_BLOCK, SHARED_LIMIT, USE_CLUSTERS,
-                      CLUSTER_SEGMENT_LIMIT, CLUSTER_BLOCK, group_size_for,
-                      launch_geometry, shared_mem_bytes)
+                      CLUSTER_SEGMENT_LIMIT, CLUSTER_BLOCK, group_size_for, launch_geometry, shared_mem_bytes)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= PLAN_CACHE_SIZE:

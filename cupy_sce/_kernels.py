@@ -69,9 +69,9 @@ def rows_name(dtype, label_type, op, features, vec, cache_row=False):
 CLUSTER_SIZES = (2, 4, 8)  # thread block clusters of cupy_sce_rows_cluster (8: the portable maximum)
 
 
-def cluster_name(dtype, label_type, op, features, vec, cluster, cache_row=True):
-    return 'cupy_sce_rows_cluster<{}, {}, {}, {}, {}, {}, {}>'.format(
-        cuda_type(dtype), label_type, OPS[op], int(features), vec, cluster, 'true' if cache_row else 'false')
+def cluster_name(dtype, label_type, op, features, vec, cluster):
+    return 'cupy_sce_rows_cluster<{}, {}, {}, {}, {}, {}>'.format(
+        cuda_type(dtype), label_type, OPS[op], int(features), vec, cluster)
 
 
 def _template_args(name):
@@ -82,7 +82,7 @@ def cluster_size(name):
     """CTAs per thread block cluster of the kernel ``name`` (1 for kernels without clusters)."""
     if not name.startswith('cupy_sce_rows_cluster<'):
         return 1
-    return int(_template_args(name)[5])
+    return int(_template_args(name)[-1])
 
 
 def module_key(name):
@@ -246,7 +246,3 @@ def ptxas_usage(dtype, arch, names=None):
             usage[entry] = (int(found.group(1)), spilled)
     return usage
 
-
-def register_usage(dtype, arch, names=None):
-    """{instantiation name: registers per thread} from ptxas."""
-    return {name: regs for name, (regs, _) in ptxas_usage(dtype, arch, names).items()}

@@ -29,7 +29,6 @@ VARIANTS = [
     ('default', (), {}),
     ('clusters', (), {(_cupy_backend, 'USE_CLUSTERS'): True}),
 ] + [(knob, options, {}) for knob, options in _kernels.TUNING_KNOBS.items()] + [
-    ('lean pass 1, unroll 8', ('-DSCE_LEAN_PASS1=1', '-DSCE_UNROLL=8'), {}),
     ('clusters x 512', (), {(_cupy_backend, 'USE_CLUSTERS'): True, (_cupy_backend, 'CLUSTER_BLOCK'): 512}),
     # one CTA of 1024 threads per row, caching rows up to the opt-in maximum (K = 32000 float32)
     ('row cache 227 KiB x 1024', (), {(_cupy_backend, 'SHARED_LIMIT'): 227 * 1024,

@@ -11,7 +11,8 @@ import pytest
 import cupy_sce
 from cupy_sce import _cupy_backend, _kernels
 from cupy_sce.testing import harness
-from helpers import BFLOAT16, DTYPES, HALF_DTYPES, Backend, assert_all_outputs, check_features, make_case, run_cluster_cases
+from helpers import (BFLOAT16, DTYPES, HALF_DTYPES, Backend, assert_all_outputs, check_features, make_case,
+                     run_cluster_cases, tuned_kernels)
 from reference import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,8 +94,7 @@ def test_nvrtc_compiles_every_tuning_knob(dtype, knob):
     """A knob builds, and changes the code (test_scripts runs each on the harness), in the kernels
     tune_gpu.py times: the featureless rows kernels of the forward and the fused forward+backward
     (every label type, vector width and row cache)."""
-    names = tuple(n for n in _featureless(dtype) if n.startswith('cupy_sce_rows<')
-                  and _kernels.module_key(n)[0] in (_kernels.OPS['forward'], _kernels.OPS['forward_backward']))
+    names = tuned_kernels(dtype)
     ptx = _ptx(dtype, _kernels.TUNING_KNOBS[knob], names=names)
     assert 'cupy_sce_rows' in ptx and ptx != _ptx(dtype, names=names)
     if knob == 'exp2 ftz':
@@ -132,7 +132,7 @@ def test_registers_allow_the_largest_block(dtype, arch):
     if dtype != numpy.float64:
         # the kernels of long rows (no row cache), featureless or with a soft cap on 16-bit types:
         # no spills under that bound (the H200 measured 16-bit ones that spilled at half speed)
-        long_rows = [n for n in usage if n.startswith('cupy_sce_rows') and n.endswith('false>')]
+        long_rows = [n for n in usage if n.startswith('cupy_sce_rows<') and n.endswith('false>')]
         assert long_rows
         spilled = {n: usage[n][1] for n in long_rows if usage[n][1]}
         assert not spilled, spilled

@@ -229,11 +229,10 @@ def test_tune_gpu_runs_its_variants_on_the_harness(tmp_path, monkeypatch):
 
     built = []
 
-    from cupy_sce import _kernels
-    # a knob's library: only the kernels its variant launches here (the featureless forward and
-    # forward+backward rows kernels), for CI's time; the default's has every float32 kernel
-    timed = [n for n in harness.library_names(0, [numpy.float32]) if n.startswith('cupy_sce_rows<')
-             and _kernels.module_key(n)[0] in (_kernels.OPS['forward'], _kernels.OPS['forward_backward'])]
+    from helpers import tuned_kernels
+    # a knob's library: only the kernels its variant launches here, for CI's time; the default's
+    # has every float32 kernel
+    timed = tuned_kernels(numpy.float32)
 
     class HarnessVariant(harness.HarnessRuntime):
         def __init__(self, options):  # float32 only: the cases below are float32

@@ -532,8 +532,9 @@ __device__ __forceinline__ typename Acc<T>::type pass2_elements(
 
 // The body of both row kernels.  CLUSTER > 1 (cupy_sce_rows_cluster): a row is split over the
 // CLUSTER CTAs of a thread block cluster (one row per cluster, group_size == blockDim.x), each
-// CTA works on its segment of the row (kept in its shared memory under CACHE_ROW), and the CTAs
-// merge their row states through distributed shared memory.
+// CTA keeps its segment of the row in its shared memory (CACHE_ROW), and the CTAs merge their
+// row states through distributed shared memory: one read of the row from global memory even
+// when it is larger than one CTA's shared memory.
 template <typename T, typename L, int OP, int F, int VEC, bool CACHE_ROW, int CLUSTER>
 __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
     typedef typename Acc<T>::type A;
@@ -597,23 +598,18 @@ __global__ void __launch_bounds__(SCE_MAX_BLOCK) cupy_sce_rows(SCE_ROWS_PARAMS) 
 }
 
 // ------------------------------------------------------------------------------------------
-// cupy_sce_rows_cluster: cupy_sce_rows with a row split over the CLUSTER CTAs of a thread block
-// cluster (one row per cluster, group_size == blockDim.x).  Arguments as above; grid = n_rows *
-// CLUSTER blocks of group_size threads.  Needs sm_90 (thread block clusters); the host launches it
-// only there.  Two uses, by CACHE_ROW (the operations whose pass 2 re-reads the row):
-//   true : rows whose cache does not fit one CTA's shared memory: each CTA keeps its segment,
-//          ceil(K / VEC / CLUSTER) vectors after the SCE_STATE_SLOTS row states (the host opts in
-//          above 48 KiB), so the row is read once from global memory;
-//   false: pass 2 re-reads the segment from global memory (dynamic shared memory: the row states
-//          only), meant to keep few rows in flight so that the re-read finds them in L2.  Not
-//          instantiated: on an H200 it did not beat the plain re-read (docs/performance.md).
+// cupy_sce_rows_cluster: cupy_sce_rows for rows whose cache does not fit one CTA's shared
+// memory.  Arguments as above; grid = n_rows * CLUSTER blocks of group_size threads; dynamic
+// shared memory SCE_STATE_SLOTS RowState<A> + ceil(K / VEC / CLUSTER) vectors (the host opts in
+// above 48 KiB).  Always CACHE_ROW; pass 1 reads x (the forward ops with a pass 2).
+// Needs sm_90 (thread block clusters); the host launches it only there.
 // ------------------------------------------------------------------------------------------
-template <typename T, typename L, int OP, int F, int VEC, int CLUSTER, bool CACHE_ROW>
+template <typename T, typename L, int OP, int F, int VEC, int CLUSTER>
 __global__ void __launch_bounds__(SCE_MAX_BLOCK) SCE_CLUSTER_DIMS(CLUSTER) cupy_sce_rows_cluster(SCE_ROWS_PARAMS) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     __trap();  // no clusters before sm_90 (compiled so that one module serves every device)
 #else
-    sce::rows<T, L, OP, F, VEC, CACHE_ROW, CLUSTER>(SCE_ROWS_ARGS);
+    sce::rows<T, L, OP, F, VEC, true, CLUSTER>(SCE_ROWS_ARGS);
 #endif
 }
 

@@ -299,7 +299,7 @@ class HarnessRuntime:
         self.launched = []  # kernel names, in order: tests check which variant ran
         self.kernels = {}
         self.dtypes = None if dtypes is None else [numpy.dtype(d) for d in dtypes]
-        self.names = None if names is None else list(names)
+        self.names = None if names is None else frozenset(names)
         self.options = tuple(options)
         self.libs = {}
 
