@@ -13,6 +13,12 @@ from cupy_sce._api import (  # NOQA
     softmax_with_cross_entropy,
     softmax_with_cross_entropy_grad,
 )
-from cupy_sce._numpy_backend import get_num_threads, release_scratch, set_num_threads  # NOQA
+from cupy_sce._numpy_backend import (  # NOQA
+    get_cpu_kernels,
+    get_num_threads,
+    release_scratch,
+    set_cpu_kernels,
+    set_num_threads,
+)
 
 __version__ = '0.1.0'

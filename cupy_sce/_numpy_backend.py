@@ -104,6 +104,65 @@ def release_scratch():
             cache.clear()
 
 
+# Which implementation runs the tiles: 'numba' (the compiled path, _cpu_kernels), 'numpy' (the
+# pure-NumPy steps below) or 'auto' (numba when it imports).  See set_cpu_kernels.
+_CPU_KERNELS = ('auto', 'numba', 'numpy')
+_cpu_kernels_choice = None
+_cpu_kernels_module = None  # False: numba did not import
+
+
+def _default_cpu_kernels():
+    env = os.environ.get('CUPY_SCE_CPU_KERNELS', 'auto')
+    if env not in _CPU_KERNELS:
+        raise ValueError('CUPY_SCE_CPU_KERNELS must be one of {}, got {!r}'.format(_CPU_KERNELS, env))
+    return env
+
+
+def set_cpu_kernels(kind):
+    """Choose the NumPy backend's CPU kernels: ``'numba'`` (compiled: one fused pass per row, a
+    vectorized exp of its own; needs numba, ``pip install cupy_sce[cpu]``), ``'numpy'`` (pure
+    NumPy) or ``'auto'`` (numba when it imports); ``None`` restores the default
+    (``CUPY_SCE_CPU_KERNELS``, else ``'auto'``).  Soft labels and ``softcap`` always run on
+    NumPy's steps.  ``'numba'`` without numba raises ImportError."""
+    global _cpu_kernels_choice
+    if kind is not None and (not isinstance(kind, str) or kind not in _CPU_KERNELS):
+        raise ValueError('cpu kernels must be one of {} or None, got {!r}'.format(_CPU_KERNELS, kind))
+    if kind == 'numba' and _compiled_module() is None:
+        raise ImportError("set_cpu_kernels('numba') needs numba (pip install cupy_sce[cpu])")
+    _cpu_kernels_choice = kind
+
+
+def get_cpu_kernels():
+    """The CPU kernels calls use now: ``'numba'`` or ``'numpy'`` (see set_cpu_kernels)."""
+    choice = _cpu_kernels_choice or _default_cpu_kernels()
+    if choice == 'numpy':
+        return 'numpy'
+    if _compiled_module() is None:
+        if choice == 'numba':
+            raise ImportError("CUPY_SCE_CPU_KERNELS=numba needs numba (pip install cupy_sce[cpu])")
+        return 'numpy'
+    return 'numba'
+
+
+def _compiled_module():
+    """``_cpu_kernels`` once numba imports (imported at first use), else None."""
+    global _cpu_kernels_module
+    if _cpu_kernels_module is None:
+        try:
+            from cupy_sce import _cpu_kernels
+            _cpu_kernels_module = _cpu_kernels
+        except ImportError:
+            _cpu_kernels_module = False
+    return _cpu_kernels_module or None
+
+
+def _compiled_for(p):
+    """The compiled kernels when they take this problem (hard labels, no soft cap), else None."""
+    if p.soft_label or p.softcap is not None or get_cpu_kernels() != 'numba':
+        return None
+    return _cpu_kernels_module
+
+
 def _executor():
     global _pool
     with _pool_lock:
@@ -241,15 +300,16 @@ def _layout(p):
     return NATIVE if p.K <= SMALL_K else ROWS
 
 
-def _blocks(p, n_threads):
+def _blocks(p, n_threads, layout=None):
     """Tiles covering all rows: whole rows, about ``elements`` each (BLOCK_ELEMENTS, less
-    when a thread would get fewer than TILES_PER_THREAD tiles)."""
+    when a thread would get fewer than TILES_PER_THREAD tiles), in ``layout`` (default
+    ``_layout(p)``)."""
     K = max(p.K, 1)
     if p.outer * p.inner == 0:
         return []
     elements = max(MIN_BLOCK_ELEMENTS,
                    min(BLOCK_ELEMENTS, p.outer * K * p.inner // (TILES_PER_THREAD * n_threads)))
-    layout = _layout(p)
+    layout = layout or _layout(p)
     if p.inner == 1:
         rows = max(1, elements // K)
         return [(o0, min(o0 + rows, p.outer), 0, 1, layout) for o0 in range(0, p.outer, rows)]
@@ -263,15 +323,16 @@ def _blocks(p, n_threads):
             for o in range(p.outer) for i0 in range(0, p.inner, inners)]
 
 
-def _for_each_block(p, body, cap_slope=False):
+def _for_each_block(p, body, cap_slope=False, layout=None):
     """Run ``body(block)`` over every tile and return the first non-None result (a bad row).
-    ``cap_slope``: the tiles compute the soft cap's slope (``_Block.cap_slope``) for a gradient.
+    ``cap_slope``: the tiles compute the soft cap's slope (``_Block.cap_slope``) for a gradient;
+    ``layout``: the tiles' (default ``_layout(p)``).
 
     Tiles are split statically into one contiguous chunk per thread: one pool
     task per thread, not per tile.
     """
     threads = get_num_threads()
-    tiles = _blocks(p, threads)
+    tiles = _blocks(p, threads, layout)
     n_threads = min(threads, len(tiles))
 
     def run(chunk):
@@ -743,6 +804,10 @@ def gather_label_logit(p):
 def forward_out(p, loss, lse, softmax):
     """Loss rows (compute dtype), and lse and the softmax when those buffers are given (the
     softmax only without features: Paddle's op)."""
+    compiled = _compiled_for(p)
+    if compiled is not None:
+        op = compiled.FORWARD if softmax is None else compiled.FORWARD_SOFTMAX
+        return _compiled_rows(compiled, p, op, loss=loss, lse=lse, out=softmax)
     clean = _labels_clean(p)
 
     def body(b):
@@ -774,6 +839,10 @@ def backward_out(p, loss_grad, lse, softmax, grad):
     """Gradient from ``softmax`` (Paddle's grad op: then ``p.x`` holds it) or recomputed from
     ``p.x`` and ``lse``.  ``grad`` may be ``p.x`` itself (in place): each tile's label logits
     are gathered before the tile is overwritten."""
+    compiled = _compiled_for(p)
+    if compiled is not None:
+        op = compiled.BACKWARD_LSE if softmax is None else compiled.BACKWARD_SOFTMAX
+        return _compiled_rows(compiled, p, op, loss_grad=loss_grad, lse_in=lse, out=grad)
     clean = _labels_clean(p)
 
     def body(b):
@@ -817,6 +886,9 @@ def _times(a, b):
 @_quiet
 def forward_backward_out(p, loss_grad, loss, grad):
     """Loss and gradient from one read of the logits; ``grad`` may be ``p.x`` (in place)."""
+    compiled = _compiled_for(p)
+    if compiled is not None:
+        return _compiled_rows(compiled, p, compiled.FORWARD_BACKWARD, loss_grad=loss_grad, loss=loss, out=grad)
     clean = _labels_clean(p)
 
     def body(b):
@@ -849,3 +921,55 @@ def forward_backward_out(p, loss_grad, loss, grad):
         b.put_full(grad, tile)
         return None if labels is None else labels.bad_row
     return _for_each_block(p, body, cap_slope=True)
+
+
+def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=None, out=None):
+    """Run the compiled path over the tiles; returns the first bad row (canonical index) or None.
+
+    Rows of more than SMALL_K classes go to ``compiled.rows`` as contiguous runs of K values
+    (strided ones transposed: ``ROWS`` tiles), shorter ones to ``compiled.columns`` in the tiles
+    the NumPy steps use (``COLUMNS``, or strided ``NATIVE``: K runs of rows).  Which one a row
+    takes depends on K alone, so its bits do not depend on the layout."""
+    acc = p.acc_dtype
+    empty = numpy.empty(0, acc)
+    weight = empty if p.weight is None else p.weight
+    weight_mean = acc.type(0) if p.weight is None else p.weight_sum[0] / p.K
+    constants = (weight, weight_mean, acc.type(p.label_smoothing), acc.type(p.z_loss))
+    by_columns = p.K <= compiled.COLUMNS_MAX_K
+    layout = _layout(p) if by_columns else (NATIVE if p.inner == 1 else ROWS)
+
+    def body(b):
+        slabs, K, m = b.x.shape  # (rows, K, 1) for rows; (slabs, K, m) for columns
+        per_row = (slabs, m) if by_columns else (slabs * m,)
+        absent = numpy.empty((0,) * len(per_row), acc)  # an input or output not wanted
+
+        def rows_in(arr):  # a per-row input, contiguous
+            return absent if arr is None else numpy.ascontiguousarray(b.rows(arr).reshape(per_row))
+
+        def rows_out(arr, slot):
+            return absent if arr is None else _scratch(slot, per_row, acc)
+
+        tile = None if out is None else b.work(out, 'grad', alias_ok=True)
+        loss_rows, lse_rows = rows_out(loss, 'loss'), rows_out(lse, 'lse')
+        if by_columns:
+            x, out_tile, kernel = b.x, tile, compiled.columns
+            work = _scratch('exp', (K, m), acc)
+        else:
+            x, kernel = b.x.reshape(slabs, K), compiled.rows
+            out_tile = None if tile is None else tile.reshape(slabs, K)
+            work = _scratch('exp', (K,), acc)
+        if out_tile is None:
+            out_tile = numpy.empty((0,) * x.ndim, acc)
+        bad = kernel(op, x, rows_in(p.label), rows_in(lse_in), rows_in(loss_grad), p.ignore_index, *constants,
+                     loss_rows, lse_rows, out_tile, work)
+        if loss is not None:
+            b.put_rows(loss, loss_rows)
+        if lse is not None:
+            b.put_rows(lse, lse_rows)
+        if tile is not None:
+            b.put_full(out, tile)
+        if bad < 0 or not p.check_labels:
+            return None
+        columns = b.i1 - b.i0
+        return (b.o0 + bad // columns) * p.inner + b.i0 + bad % columns
+    return _for_each_block(p, body, layout=layout)

@@ -1,8 +1,9 @@
 """pytest fixtures: the backends the semantic tests run on (``helpers.Backend``).
 
-* ``backend``       -- each of ``numpy``, ``harness`` (the CUDA kernels on the CPU) and
-  ``cupy`` (a real GPU; skips without one).
-* ``numpy_backend`` -- the NumPy backend only.
+* ``backend``       -- each of ``numpy`` (the NumPy backend on pure NumPy), ``numba`` (the NumPy
+  backend on its compiled CPU kernels; skips without numba), ``harness`` (the CUDA kernels on
+  the CPU) and ``cupy`` (a real GPU; skips without one).
+* ``numpy_backend`` -- the NumPy backend only, on either of its CPU kernels.
 """
 import os
 
@@ -19,11 +20,11 @@ settings.register_profile('long', max_examples=400, deadline=None, suppress_heal
 settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
 
 
-@pytest.fixture(params=['numpy', 'harness', 'cupy'])
+@pytest.fixture(params=['numpy', 'numba', 'harness', 'cupy'])
 def backend(request):
     return Backend(request.param)
 
 
-@pytest.fixture
-def numpy_backend():
-    return Backend('numpy')
+@pytest.fixture(params=['numpy', 'numba'])
+def numpy_backend(request):
+    return Backend(request.param)

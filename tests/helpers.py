@@ -54,14 +54,43 @@ def gpu_available():
         return False
 
 
+# The NumPy backend's two implementations (cupy_sce.set_cpu_kernels).
+CPU_KERNELS = ('numpy', 'numba')
+
+
+def skip_without_numba():
+    try:
+        import numba  # NOQA
+    except ImportError:
+        pytest.skip('numba is not installed: the compiled CPU kernels are unavailable')
+
+
+@contextlib.contextmanager
+def cpu_kernels(kind):
+    """Run the NumPy backend on ``kind`` ('numpy' or 'numba') inside the block."""
+    if kind == 'numba':
+        skip_without_numba()
+    previous = cupy_sce._numpy_backend._cpu_kernels_choice
+    cupy_sce.set_cpu_kernels(kind)
+    try:
+        yield
+    finally:
+        cupy_sce.set_cpu_kernels(previous)
+
+
 class Backend:
     """One backend: ``backend(fn, *args, **kwargs)`` calls ``fn`` on it with NumPy arguments and
     returns NumPy results; ``with backend.active():`` routes direct calls to it."""
 
     def __init__(self, name):
         self.name = name
+        # 'numpy' for the NumPy backend, whichever CPU kernels ('numpy': pure NumPy, 'numba':
+        # compiled) it runs; else the name
+        self.kind = 'numpy' if name in CPU_KERNELS else name
         self.xp = numpy
         self.routed = None  # the backend object ``active()`` routes calls to (harness only)
+        if name == 'numba':
+            skip_without_numba()
         if name == 'cupy':
             if not gpu_available():
                 pytest.skip('no CUDA GPU present: the cupy backend runs on the host harness instead')
@@ -95,7 +124,10 @@ class Backend:
 
     @contextlib.contextmanager
     def active(self):
-        if self.routed is None:
+        if self.kind == 'numpy':
+            with cpu_kernels(self.name):
+                yield
+        elif self.routed is None:
             yield
         else:
             with testing.use_backend(self.routed):

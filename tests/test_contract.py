@@ -187,7 +187,7 @@ def _strided_rows(shape, axis):
 def test_rows_are_batch_invariant(backend, data):
     """A sub-batch (any axis but the class axis, any start, length 1 included) gives the bits of the
     same rows inside the full batch."""
-    shape, axis = data.draw(shapes(max_elements=6000 if backend.name == 'numpy' else 2500))
+    shape, axis = data.draw(shapes(max_elements=6000 if backend.kind == 'numpy' else 2500))
     case = Case(numpy.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1))), shape, axis,
                 data.draw(st.sampled_from(DTYPES)), data.draw(st.booleans()), data.draw(family_options()),
                 dominated=data.draw(st.booleans()))
@@ -205,7 +205,7 @@ def test_rows_are_batch_invariant(backend, data):
     with testing.numpy_tile_elements(data.draw(st.sampled_from(TILE_ELEMENTS))):
         got = run_all(backend, part)
     want = {name: value[index] for name, value in full.items()}
-    if backend.name != 'numpy' and _strided_rows(shape, case.axis) != _strided_rows(part.shape, case.axis):
+    if backend.kind != 'numpy' and _strided_rows(shape, case.axis) != _strided_rows(part.shape, case.axis):
         # the documented exception: the kernels sum strided and contiguous rows in different orders
         for name in want:
             numpy.testing.assert_allclose(got[name], want[name], rtol=2e-3, atol=2e-3, err_msg=name)
@@ -244,13 +244,13 @@ def _every_other(a):
 
 @given(data=st.data())
 def test_layouts_and_thread_counts_give_the_same_bits(backend, data):
-    shape, axis = data.draw(shapes(max_elements=6000 if backend.name == 'numpy' else 2500))
+    shape, axis = data.draw(shapes(max_elements=6000 if backend.kind == 'numpy' else 2500))
     case = Case(numpy.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1))), shape, axis,
                 data.draw(st.sampled_from(DTYPES)), data.draw(st.booleans()), data.draw(family_options()))
     want = run_all(backend, case, reductions=True)
     layout = data.draw(st.sampled_from(sorted(LAYOUTS)))
     assert_same_bits(run_all(backend, case, LAYOUTS[layout], reductions=True), want, layout)
-    if backend.name == 'numpy':
+    if backend.kind == 'numpy':
         threads = data.draw(st.sampled_from(THREAD_COUNTS))
         tile = data.draw(st.sampled_from(TILE_ELEMENTS))
         previous = cupy_sce.get_num_threads()
@@ -267,7 +267,7 @@ def test_layouts_and_thread_counts_give_the_same_bits(backend, data):
 def test_in_place_equals_out_of_place(backend, data):
     """``forward_backward(inplace=True)`` and ``backward(out=logits)`` give the out-of-place bits,
     in every layout; ``forward``'s loss is ``forward_backward``'s."""
-    shape, axis = data.draw(shapes(max_elements=6000 if backend.name == 'numpy' else 2500))
+    shape, axis = data.draw(shapes(max_elements=6000 if backend.kind == 'numpy' else 2500))
     case = Case(numpy.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1))), shape, axis,
                 data.draw(st.sampled_from(DTYPES)), data.draw(st.booleans()), data.draw(family_options()),
                 dominated=data.draw(st.booleans()))
@@ -337,12 +337,12 @@ def loss_scale(loss, prob, y, label, axis):
 def test_accuracy_within_the_stated_ulp_bounds(backend, data):
     """Hard labels, no ignored rows, losses from 1e-8 to 1e2: loss, lse and gradient against the
     exact float64 values (ULP_BOUNDS)."""
-    shape, axis = data.draw(shapes(max_elements=6000 if backend.name == 'numpy' else 2500))
+    shape, axis = data.draw(shapes(max_elements=6000 if backend.kind == 'numpy' else 2500))
     dtype = data.draw(st.sampled_from(DTYPES))
     case = Case(numpy.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1))), shape, axis, dtype, False, {},
                 dominated=True, ignore_index=-1)
     case.label = numpy.where(case.label < 0, 0, case.label)
-    loss_bound, lse_bound, grad_bound = ULP_BOUNDS['numpy' if backend.name == 'numpy' else 'kernels'][dtype]
+    loss_bound, lse_bound, grad_bound = ULP_BOUNDS['numpy' if backend.kind == 'numpy' else 'kernels'][dtype]
     loss, grad = backend(cupy_sce.forward_backward, case.x, case.label, axis=axis)
     _, lse = backend(cupy_sce.forward, case.x, case.label, axis=axis)
     exact_loss, exact_lse, prob, y = exact_hard(case.x, case.label, case.axis)
@@ -353,7 +353,7 @@ def test_accuracy_within_the_stated_ulp_bounds(backend, data):
     if dtype in HALF_DTYPES:  # loss_dtype=float32 keeps what a 16-bit loss rounds away
         loss32, _ = backend(cupy_sce.forward, case.x, case.label, axis=axis, loss_dtype=numpy.float32)
         assert loss32.dtype == numpy.float32
-        bound32 = ULP_BOUNDS['numpy' if backend.name == 'numpy' else 'kernels'][numpy.float32][0]
+        bound32 = ULP_BOUNDS['numpy' if backend.kind == 'numpy' else 'kernels'][numpy.float32][0]
         loss32_ulps = numpy.abs(loss32 - exact_loss) / (2.0 ** -23 * scale + 2.0 ** -126)
         assert loss32_ulps.max(initial=0) <= bound32, loss32_ulps.max()
     acc_eps = numpy.finfo(lse.dtype).eps
@@ -394,7 +394,7 @@ def test_16_bit_gradients_are_rounded_once(backend, data):
     feature and for confident predictions (losses down to 1e-8).  Where the gradient is a difference
     of nearly equal terms (``softmax * s`` close to a smoothed or soft target t) the float32 error of
     those terms, ``2**-20 * (softmax * s + t) * |loss_grad * w|``, comes on top."""
-    shape, axis = data.draw(shapes(max_elements=6000 if backend.name == 'numpy' else 2500))
+    shape, axis = data.draw(shapes(max_elements=6000 if backend.kind == 'numpy' else 2500))
     dtype = data.draw(st.sampled_from(HALF_DTYPES))
     case = Case(numpy.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1))), shape, axis, dtype,
                 data.draw(st.booleans()), data.draw(family_options()), dominated=data.draw(st.booleans()))
@@ -487,7 +487,7 @@ def test_class_axis_not_last_is_thread_count_and_batch_invariant(backend):
     (fused, forward, in place) changed results."""
     x = (numpy.random.default_rng(15).standard_normal((500, 777)) * 4).astype(numpy.float32)
     full = backend(cupy_sce.logsumexp, x, axis=0)
-    if backend.name == 'numpy':
+    if backend.kind == 'numpy':
         previous = cupy_sce.get_num_threads()
         try:
             for threads in THREAD_COUNTS:
@@ -530,7 +530,7 @@ def test_a_confident_prediction_keeps_its_digits(backend, dtype):
     row = numpy.array([[-2.1530619, 3.080596, -3.4468932]], dtype)
     loss = backend(cupy_sce.softmax_with_cross_entropy, row, numpy.array([[1]]))
     exact = exact_hard(row, numpy.array([[1]]), 1)[0]
-    bound = ULP_BOUNDS['numpy' if backend.name == 'numpy' else 'kernels'][dtype][0]
+    bound = ULP_BOUNDS['numpy' if backend.kind == 'numpy' else 'kernels'][dtype][0]
     assert abs(loss[0, 0] - exact[0, 0]) <= bound * float(finfo(dtype).eps) * exact[0, 0]
     if dtype == numpy.float16:
         return  # a float16 loss below 6e-8 is 0

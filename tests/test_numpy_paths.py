@@ -2,13 +2,22 @@
 safe, the row max shift elsewhere (``_numpy_backend._exp_sum``), and the same split in the
 backward from lse (``_exp_minus_lse``).  Both must give the reference's answer, a row's
 result must not depend on the rows around it, and the cheap path must really be taken.
+Every test but the last runs on the compiled CPU kernels too (``_cpu_kernels``: one row at a
+time, the max shift always), which must meet the same bounds.
 """
 import numpy
 import pytest
 
 import cupy_sce
 from cupy_sce import _numpy_backend
+from helpers import CPU_KERNELS, cpu_kernels
 from reference import reference
+
+
+@pytest.fixture(autouse=True, params=CPU_KERNELS)
+def kernels(request):
+    with cpu_kernels(request.param):
+        yield request.param
 
 # tighter than helpers.TOL: these rows are built to expose a lost digit (float64:
 # the reference itself rounds x - lse by 800 * eps = 2e-13 at the largest offset; float16
@@ -107,7 +116,8 @@ def _count_row_max(monkeypatch):
     return calls
 
 
-def test_typical_logits_skip_the_max_pass(monkeypatch):
+@pytest.mark.parametrize('kernels', ['numpy'], indirect=True)  # the pure-NumPy path's own shortcut
+def test_typical_logits_skip_the_max_pass(monkeypatch, kernels):
     rng = numpy.random.default_rng(3)
     x = (rng.standard_normal((64, 300)) * 3).astype(numpy.float32)
     label = rng.integers(0, 300, (64, 1))

@@ -1,0 +1,482 @@
+"""The compiled CPU path: the NumPy backend's steps as one fused loop nest per row, built by numba.
+
+The pure-NumPy tiles (``_numpy_backend``) pay for every step with a pass over the tile, and their
+speed rides on NumPy's SIMD ``exp``, which is 3-4x slower on a host without AVX-512.  Here a row is
+read by three short loops while it sits in the core's cache: the row max (with the sum of the
+logits for label smoothing), the exponentials and their sum, and the gradient.  The exponential
+is our own (``_exp``: Cody-Waite reduction and a polynomial, which LLVM vectorizes for whatever
+SIMD the host has), so the speed does not hinge on AVX-512.
+
+numba is an optional dependency (``pip install cupy_sce[cpu]``: wheels for every platform, no
+compiler needed); the NumPy backend uses this path when numba imports and
+``set_cpu_kernels('numpy')`` has not turned it off (``_numpy_backend.cpu_kernels``).  The kernels
+compile once per (dtype, label dtype) at first use and are cached on disk by numba.
+
+What each row computes is what ``_numpy_backend`` computes (the same steps and special values:
+``tests/test_cpu_kernels.py`` compares the two), in an order that depends on the row alone: the
+sums are vectorized by LLVM with a fixed set of partial sums, so a row's bits do not
+depend on its batch, tile, layout or thread count.  Soft labels and the soft cap stay on the
+NumPy tiles (``supports``).
+"""
+import math
+
+import numba
+import numpy
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+# The operations of ``rows`` (one kernel, the operation chosen per call).
+FORWARD, FORWARD_SOFTMAX, FORWARD_BACKWARD, BACKWARD_LSE, BACKWARD_SOFTMAX = range(5)
+# Rows of at most this many classes go to ``columns`` (vectorized across rows), longer ones to
+# ``rows`` (vectorized along the row): the NumPy backend's SMALL_K, whose tiles have that layout.
+COLUMNS_MAX_K = 64
+
+# FMA contraction only outside the sums: no reassociation (the careful forms stay as written) and IEEE
+# semantics for NaN and inf, which are valid inputs (error_model='numpy': x / 0 is inf or NaN, as in NumPy).
+_JIT = dict(nogil=True, cache=True, error_model='numpy', fastmath={'contract'})
+# The sums may be reordered (vectorized): LLVM then keeps a fixed set of partial sums, so the order
+# depends on K, the label's position and the host's SIMD width, never on the row's neighbours.
+_SUM_JIT = dict(nogil=True, cache=True, error_model='numpy', fastmath={'contract', 'reassoc'})
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float whose bit pattern is ``bits`` (int32 -> float32, int64 -> float64)."""
+    if bits == types.int32:
+        return types.float32(types.int32), lambda context, builder, sig, args: builder.bitcast(
+            args[0], ir.FloatType())
+    if bits == types.int64:
+        return types.float64(types.int64), lambda context, builder, sig, args: builder.bitcast(
+            args[0], ir.DoubleType())
+    return None
+
+
+def _exp(x):
+    """exp(x) for a float32 or float64 scalar, vectorizable (see the overload below)."""
+    raise NotImplementedError  # pragma: no cover - only its numba overload runs
+
+
+def _exp32(x):
+    # exp(a) = 2**n * exp(f), n = round(a / ln 2), f = a - n ln 2 (ln 2 in two parts: f exact);
+    # exp(f) on |f| <= ln(2) / 2 by its Taylor polynomial to degree 7 (truncation 0.1 ulp);
+    # 2**n = 2**h * 2**(n - h), each a normal float, so that results down in the subnormals are
+    # rounded once.  a is x clamped to where the result is already 0 (and n fits the two scales)
+    # or inf: -inf gives 0, +inf inf.
+    a = x if x > numpy.float32(-175.0) else numpy.float32(-175.0)
+    a = a if a < numpy.float32(89.0) else numpy.float32(89.0)
+    t = a * numpy.float32(1.4426950408889634)
+    n_float = (t + numpy.float32(12582912.0)) - numpy.float32(12582912.0)  # round to nearest
+    n = numpy.int32(n_float)
+    f = a - n_float * numpy.float32(0.693145751953125)
+    f = f - n_float * numpy.float32(1.428606765330187e-06)
+    p = numpy.float32(1.0 / 5040.0)
+    p = p * f + numpy.float32(1.0 / 720.0)
+    p = p * f + numpy.float32(1.0 / 120.0)
+    p = p * f + numpy.float32(1.0 / 24.0)
+    p = p * f + numpy.float32(1.0 / 6.0)
+    p = p * f + numpy.float32(0.5)
+    p = p * f + numpy.float32(1.0)
+    p = p * f + numpy.float32(1.0)
+    h = n >> 1
+    result = p * _float_from_bits(numpy.int32((h + 127) << 23)) * _float_from_bits(
+        numpy.int32((n - h + 127) << 23))
+    return result if x == x else x  # NaN stays NaN (the clamps would turn it into a number)
+
+
+def _exp64(x):
+    # as _exp32, with Taylor to degree 13 (truncation 0.01 ulp) and the float64 exponent range
+    a = x if x > -1416.0 else -1416.0
+    a = a if a < 710.0 else 710.0
+    t = a * 1.4426950408889634
+    n_float = (t + 6755399441055744.0) - 6755399441055744.0
+    n = numpy.int64(n_float)
+    f = a - n_float * 0.6931471803691238
+    f = f - n_float * 1.9082149292705877e-10
+    p = 1.0 / 6227020800.0
+    for c in (1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+              1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+        p = p * f + c
+    h = n >> 1
+    result = p * _float_from_bits(numpy.int64((h + 1023) << 52)) * _float_from_bits(
+        numpy.int64((n - h + 1023) << 52))
+    return result if x == x else x
+
+
+@overload(_exp, jit_options={'fastmath': {'contract'}})
+def _exp_overload(x):
+    if x == types.float32:
+        return _exp32
+    if x == types.float64:
+        return _exp64
+    return None
+
+
+@numba.njit(**_JIT)
+def _row_max(row):
+    """Step 1: the max of a row, NaN skipped (NaN reaches the results through its exponential).
+    Eight running maxima (a max is exact in any order): LLVM keeps them in registers."""
+    K = row.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row.dtype.type(-numpy.inf)
+    for k in range(0, K - K % 8, 8):
+        v = row[k]
+        m0 = v if v > m0 else m0
+        v = row[k + 1]
+        m1 = v if v > m1 else m1
+        v = row[k + 2]
+        m2 = v if v > m2 else m2
+        v = row[k + 3]
+        m3 = v if v > m3 else m3
+        v = row[k + 4]
+        m4 = v if v > m4 else m4
+        v = row[k + 5]
+        m5 = v if v > m5 else m5
+        v = row[k + 6]
+        m6 = v if v > m6 else m6
+        v = row[k + 7]
+        m7 = v if v > m7 else m7
+    for k in range(K - K % 8, K):
+        v = row[k]
+        m0 = v if v > m0 else m0
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
+
+
+@numba.njit(**_SUM_JIT)
+def _sum_wide(row):
+    """The sum of a row in float64 (label smoothing's mean logit: no cancellation at large offsets)."""
+    total = 0.0
+    for k in range(row.shape[0]):
+        total += numpy.float64(row[k])
+    return total
+
+
+@numba.njit(**_SUM_JIT)
+def _exp_sum(row, shift, exp_out):
+    """``exp_out = exp(row - shift)`` and its sum."""
+    total = row.dtype.type(0)
+    for k in range(row.shape[0]):
+        e = _exp(row[k] - shift)
+        exp_out[k] = e
+        total += e
+    return total
+
+
+@numba.njit(**_JIT)
+def _exp_sum_others(row, shift, label, exp_out):
+    """Step 2: ``exp_out = exp(row - shift)`` and its sum over the classes other than ``label``: the
+    label's term is left out, not subtracted, so that the loss of a confident row keeps its digits
+    (see ``_numpy_backend._label_sums``).  Two sums, before and after the label."""
+    exp_out[label] = _exp(row[label] - shift)
+    return _exp_sum(row[:label], shift, exp_out[:label]) + _exp_sum(row[label + 1:], shift, exp_out[label + 1:])
+
+
+@numba.njit(**_JIT)
+def _scaled_minus(values, scale, minus, out):
+    """``out = values * scale - minus`` over a row: the gradient from the exponentials or a stored
+    softmax, ``(softmax_k * prob_scale - t_k) * gw`` with the label's term put afterwards."""
+    for k in range(values.shape[0]):
+        out[k] = values[k] * scale - minus
+
+
+@numba.njit(**_JIT)
+def _exp_scaled_minus(values, lse, scale, minus, out):
+    """``out = exp(values - lse) * scale - minus``: the gradient from lse."""
+    for k in range(values.shape[0]):
+        out[k] = _exp(values[k] - lse) * scale - minus
+
+
+@numba.njit(**_JIT)
+def _copy(values, out):
+    for k in range(values.shape[0]):
+        out[k] = values[k]
+
+
+@numba.njit(**_JIT)
+def _divided(values, divisor, out):
+    """``out = values / divisor``: the softmax, divided rather than scaled by ``1 / divisor``, so that a
+    row whose other terms underflow gives exactly 1."""
+    for k in range(values.shape[0]):
+        out[k] = values[k] / divisor
+
+
+# --------------------------------------------------------------------------
+# a row's scalars (the same for both loop nests)
+# --------------------------------------------------------------------------
+
+@numba.njit(**_JIT)
+def _decode(raw, ignore_index, K):
+    """Step 3: ``(ignored, bad, index)`` of a hard label; an invalid row reads class 0 (unused)."""
+    raw = numpy.int64(raw)
+    ignored = raw == ignore_index
+    bad = not ignored and not (0 <= raw < K)
+    return ignored, bad, 0 if ignored or bad else raw
+
+
+@numba.njit(**_JIT)
+def _row_weight(weight, index, eps, weight_mean):
+    """Paddle's row weight ``sum_k t_k w_k``: ``(1 - eps) w[label] + eps mean(w)`` (1 without weights)."""
+    if weight.shape[0] == 0:
+        return type(weight_mean)(1)  # weight_mean: a scalar of the compute dtype
+    if eps != 0:
+        return (type(eps)(1) - eps) * weight[index] + eps * weight_mean
+    return weight[index]
+
+
+@numba.njit(**_JIT)
+def _forward_terms(shift, shifted, others, label_exp, x_label, mean_gap, gw, w_row, eps, z_loss, K, gradient):
+    """Steps 2, 4 and 5's scalars of a row from its sums: ``(lse, loss, scale, minus, label_term)``,
+    the gradient being ``exp(x_k - shift) * scale - minus`` and ``label_term`` at the label (computed
+    only with ``gradient``).  ``others`` is the sum of ``exp(x_k - shift)`` without the label's term
+    (``label_exp``), ``mean_gap`` = shift - mean_k x_k (float64; smoothing only).
+
+    ``shifted`` (shift = the row max): one logarithm a row, ``lse = shift + log(total)`` and the
+    loss ``lse - x[label] = log(total) + (shift - x[label])``, two terms >= 0 (no cancellation) --
+    except where the label's logit is the max: then its term is 1 and the loss ``log1p(others)``,
+    exact for a confident prediction (a loss of 1e-8 as well as one of 10).  Unshifted (shift 0,
+    the caller checked that the sum is safe): the loss is ``log1p(others * exp(-x[label]))`` as in
+    ``_numpy_backend._row_sums``, or ``log(total) - x[label]`` where the label's logit is so far
+    below the lse that the factor would overflow (then nothing cancels)."""
+    A = type(others)
+    total = others + label_exp
+    if shifted and x_label == shift:
+        log_total = A(math.log1p(others))
+        ce = log_total
+    else:
+        log_total = A(math.log(total))
+        if shifted:
+            ce = log_total + (shift - x_label)
+        elif x_label < log_total - A(0.9) * A(math.log(numpy.finfo(A).max)) or x_label == -numpy.inf:
+            ce = log_total - x_label
+        else:
+            ce = A(math.log1p(others * A(math.exp(-x_label))))
+    lse = shift + log_total
+    loss = ce
+    if eps != 0:  # (1 - eps) ce + eps (lse - mean_k x_k)
+        loss = (A(1) - eps) * ce + eps * (log_total + A(mean_gap))
+    if z_loss != 0:
+        loss = loss + z_loss * lse * lse
+    loss = loss * w_row
+    # d loss / d x_k = (softmax_k * scale - t_k) * gw, scale = sum_k t_k + 2 z lse = 1 + 2 z lse,
+    # t_k = (1 - eps) [k == label] + eps / K; softmax_k = exp(x_k - shift) / total
+    scale = A(1) + (z_loss + z_loss) * lse
+    smooth_other = eps / A(K)
+    # the label's own term from expm1 of its log-probability (exact for a confident row):
+    # (softmax - 1) scale + (scale - 1) + (1 - t_label), scale - 1 = 2 z lse
+    label_term = A(0)
+    if gradient:
+        label_term = (A(math.expm1(-ce)) * scale + (z_loss + z_loss) * lse + (eps - smooth_other)) * gw
+    return lse, loss, scale * gw / total, smooth_other * gw, label_term
+
+
+@numba.njit(**_JIT)
+def _lse_terms(lse, x_label, gw, eps, z_loss, K):
+    """The backward from lse: ``(scale, minus, label_term)``, the gradient being ``exp(x_k - lse) *
+    scale - minus`` and ``label_term`` at the label (as in ``_forward_terms``)."""
+    A = type(lse)
+    scale = A(1) + (z_loss + z_loss) * lse
+    smooth_other = eps / A(K)
+    label_term = (A(math.expm1(x_label - lse)) * scale + (z_loss + z_loss) * lse + (eps - smooth_other)) * gw
+    return scale * gw, smooth_other * gw, label_term
+
+
+# --------------------------------------------------------------------------
+# the two loop nests
+# --------------------------------------------------------------------------
+
+@numba.njit(**_JIT)
+def rows(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps, z_loss, loss, lse, out, work):
+    """One operation on a tile of rows of more than COLUMNS_MAX_K classes, a row at a time while it
+    is in cache; returns the first row with a bad label (or -1).
+
+    op            FORWARD (loss, lse), FORWARD_SOFTMAX (loss, softmax into ``out``), FORWARD_BACKWARD
+                  (loss, gradient into ``out``), BACKWARD_LSE (gradient from ``x`` and ``lse_in``),
+                  BACKWARD_SOFTMAX (Paddle's grad op: ``x`` holds the softmax; no features)
+    x             (n, K) C-contiguous logits (or the softmax) in the compute dtype, a row each
+    label         (n,) int32/int64 hard labels; ``ignore_index`` marks ignored rows (loss and
+                  gradient 0), a label outside [0, K) is bad (its row's loss and gradient NaN)
+    lse_in        (n,) the rows' lse for BACKWARD_LSE, else empty
+    loss_grad     (n,) the loss gradient of each row, or empty for ones
+    weight        (K,) class weights or empty; ``weight_mean`` their mean (a compute-dtype scalar)
+    eps, z_loss   label smoothing and z-loss, compute-dtype scalars (0 when off)
+    loss, lse     (n,) outputs in the compute dtype, or empty when not wanted
+    out           (n, K) C-contiguous output in the compute dtype (the softmax or the gradient), or
+                  empty; it may be ``x`` itself (in place)
+    work          (K,) scratch in the compute dtype that overlaps nothing else (a row's exponentials)
+    """
+    n, K = x.shape
+    in_place = out.shape[0] > 0 and out.ctypes.data == x.ctypes.data
+    zero, half = type(eps)(0), type(eps)(0.5)
+    lowest, largest = numpy.finfo(x.dtype).min, numpy.finfo(x.dtype).max
+    bad_row = -1
+    for r in range(n):
+        row = x[r]
+        ignored, bad, idx = _decode(label[r], ignore_index, K)
+        if bad and bad_row < 0:
+            bad_row = r
+        if op >= FORWARD_BACKWARD and (ignored or bad):
+            # an ignored row's loss and gradient are 0, a bad one's NaN (selected: its logits may be NaN)
+            fill = zero if ignored else type(eps)(numpy.nan)
+            out[r, :] = fill
+            if op == FORWARD_BACKWARD:
+                loss[r] = fill
+            continue
+        w_row = _row_weight(weight, idx, eps, weight_mean)
+        gw = (loss_grad[r] if loss_grad.shape[0] > 0 else type(eps)(1)) * w_row
+        x_label = row[idx]  # read before an in-place gradient overwrites the row
+        if op == BACKWARD_SOFTMAX or op == BACKWARD_LSE:
+            lse_value = lse_in[r] if op == BACKWARD_LSE else zero
+            if op == BACKWARD_SOFTMAX:  # (softmax - onehot) * loss_grad, softmax[label] - 1 as stored
+                scale, minus, label_term = gw, zero, (x_label - type(eps)(1)) * gw
+            else:
+                scale, minus, label_term = _lse_terms(lse_value, x_label, gw, eps, z_loss, K)
+            out_row = out[r]
+            if in_place:  # through work: a loop over two arrays that are one is not vectorized
+                if op == BACKWARD_LSE:
+                    _exp_scaled_minus(row, lse_value, scale, minus, work)
+                else:
+                    _scaled_minus(row, scale, minus, work)
+                _copy(work, out_row)
+            elif op == BACKWARD_LSE:
+                _exp_scaled_minus(row, lse_value, scale, minus, out_row)
+            else:
+                _scaled_minus(row, scale, minus, out_row)
+            out_row[idx] = label_term
+            continue
+        # step 2 on exp(x) unshifted first: the row max would cost a pass of its own.  A row keeps
+        # it when the sum lies in [0.5, max] (nothing overflowed, no NaN; an underflowed term is
+        # off by at most 2 subnormal ulps, as shifted); the others are shifted by their max (step 1:
+        # a row of -inf by the lowest finite value, so that x - shift is -inf, not NaN: its sum is 0
+        # and its lse -inf, as in _numpy_backend).  The choice is the row's own.
+        shift = zero
+        others = _exp_sum_others(row, shift, idx, work)
+        total = others + work[idx]
+        shifted = not (total >= half and total <= largest)
+        if shifted:
+            row_max = _row_max(row)
+            shift = row_max if row_max > lowest else lowest
+            others = _exp_sum_others(row, shift, idx, work)
+        mean_gap = numpy.float64(shift) - _sum_wide(row) / K if eps != 0 else 0.0
+        row_lse, row_loss, scale, minus, label_term = _forward_terms(
+            shift, shifted, others, work[idx], x_label, mean_gap, gw, w_row, eps, z_loss, K, op == FORWARD_BACKWARD)
+        if lse.shape[0] > 0:
+            lse[r] = row_lse
+        loss[r] = zero if ignored else (type(eps)(numpy.nan) if bad else row_loss)
+        if op == FORWARD_SOFTMAX:
+            _divided(work, others + work[idx], out[r])
+        elif op == FORWARD_BACKWARD:  # step 5
+            _scaled_minus(work, scale, minus, out[r])
+            out[r, idx] = label_term
+    return bad_row
+
+
+@numba.njit(**_JIT)
+def columns(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps, z_loss, loss, lse, out, work):
+    """``rows`` for rows of at most COLUMNS_MAX_K classes, vectorized across the rows: a tile is
+    ``(slabs, K, m)``, row ``(s, j)`` being ``x[s, :, j]`` (the NumPy backend's transposed and strided
+    tiles), and each step runs class after class over the m rows of a slab, so a row's sums run
+    in class order whatever m is.  The per-row arrays are ``(slabs, m)`` (``label``, ``lse_in``,
+    ``loss_grad``, ``loss``, ``lse``), ``out`` is ``(slabs, K, m)`` (may be ``x``) and ``work``
+    ``(K, m)`` scratch; a bad row is reported as ``s * m + j``.  Arguments otherwise as in ``rows``.
+    """
+    slabs, K, m = x.shape
+    A = type(eps)
+    zero = A(0)
+    lowest = numpy.finfo(x.dtype).min
+    shift = numpy.empty(m, x.dtype)
+    others = numpy.empty(m, x.dtype)
+    x_label = numpy.empty(m, x.dtype)
+    index = numpy.empty(m, numpy.int64)
+    wide = numpy.empty(m if eps != 0 else 0, numpy.float64)
+    bad_row = -1
+    for s in range(slabs):
+        xs = x[s]
+        for j in range(m):
+            ignored, bad, index[j] = _decode(label[s, j], ignore_index, K)
+            if bad and bad_row < 0:
+                bad_row = s * m + j
+            x_label[j] = xs[index[j], j]
+        if op == BACKWARD_SOFTMAX or op == BACKWARD_LSE:
+            for k in range(K):
+                row_k = xs[k]
+                work_k = work[k]
+                if op == BACKWARD_SOFTMAX:
+                    for j in range(m):
+                        work_k[j] = row_k[j]
+                else:
+                    for j in range(m):
+                        work_k[j] = _exp(row_k[j] - lse_in[s, j])
+        else:
+            # step 1 (NaN skipped), then step 2 class after class into work, the label's term left out
+            shift[:] = xs[0]
+            for k in range(1, K):
+                row_k = xs[k]
+                for j in range(m):
+                    shift[j] = row_k[j] if row_k[j] > shift[j] else shift[j]
+            for j in range(m):
+                shift[j] = shift[j] if shift[j] > lowest else lowest
+            if eps != 0:
+                wide[:] = 0.0
+                for k in range(K):
+                    row_k = xs[k]
+                    for j in range(m):
+                        wide[j] += numpy.float64(row_k[j])
+            others[:] = zero
+            for k in range(K):
+                row_k = xs[k]
+                work_k = work[k]
+                for j in range(m):
+                    e = _exp(row_k[j] - shift[j])
+                    work_k[j] = e
+                    others[j] += e if index[j] != k else zero
+        # the rows' scalars, then the outputs class after class (x is not read again: out may be x)
+        for j in range(m):
+            ignored, bad, idx = _decode(label[s, j], ignore_index, K)
+            invalid = ignored or bad
+            fill = zero if ignored else A(numpy.nan)
+            w_row = _row_weight(weight, idx, eps, weight_mean)
+            gw = (loss_grad[s, j] if loss_grad.shape[0] > 0 else A(1)) * w_row
+            if op == BACKWARD_SOFTMAX:
+                scale, minus, label_term = gw, zero, (x_label[j] - A(1)) * gw
+            elif op == BACKWARD_LSE:
+                scale, minus, label_term = _lse_terms(lse_in[s, j], x_label[j], gw, eps, z_loss, K)
+            else:
+                mean_gap = numpy.float64(shift[j]) - wide[j] / K if eps != 0 else 0.0
+                label_exp = work[idx, j]
+                row_lse, row_loss, scale, minus, label_term = _forward_terms(
+                    shift[j], True, others[j], label_exp, x_label[j], mean_gap, gw, w_row, eps, z_loss, K,
+                    op == FORWARD_BACKWARD)
+                if lse.shape[0] > 0:
+                    lse[s, j] = row_lse
+                loss[s, j] = fill if invalid else row_loss
+                if op == FORWARD_SOFTMAX:  # divided (see _divided); scale is 1 / total
+                    scale, minus, label_term = others[j] + label_exp, zero, zero
+            if op != FORWARD:
+                if invalid and op != FORWARD_SOFTMAX:
+                    scale, minus, label_term = zero, -fill, fill  # 0 * NaN logits: selected below
+                # per-row factors stored over the row scalars no longer needed
+                shift[j], others[j], x_label[j] = scale, minus, label_term
+                index[j] = -1 if invalid and op != FORWARD_SOFTMAX else idx
+        if op == FORWARD:
+            continue
+        out_s = out[s]
+        for k in range(K):
+            work_k = work[k]
+            out_k = out_s[k]
+            if op == FORWARD_SOFTMAX:
+                for j in range(m):
+                    out_k[j] = work_k[j] / shift[j]
+            else:
+                for j in range(m):
+                    value = work_k[j] * shift[j] - others[j]
+                    out_k[j] = value if index[j] >= 0 else x_label[j]  # an invalid row: its fill
+        if op != FORWARD_SOFTMAX:
+            for j in range(m):
+                if index[j] >= 0:
+                    out_s[index[j], j] = x_label[j]
+    return bad_row
