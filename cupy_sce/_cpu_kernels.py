@@ -37,6 +37,7 @@ COLUMNS_MAX_K = 64
 _JIT = dict(nogil=True, cache=True, error_model='numpy', fastmath={'contract'})
 # The sums may be reordered (vectorized): LLVM then keeps a fixed set of partial sums, so the order
 # depends on K, the label's position and the host's SIMD width, never on the row's neighbours.
+_OVERLOAD_JIT = dict(error_model='numpy', fastmath={'contract'})
 _SUM_JIT = dict(nogil=True, cache=True, error_model='numpy', fastmath={'contract', 'reassoc'})
 
 
@@ -103,12 +104,130 @@ def _exp64(x):
     return result if x == x else x
 
 
-@overload(_exp, jit_options={'fastmath': {'contract'}})
+@overload(_exp, jit_options=_OVERLOAD_JIT)
 def _exp_overload(x):
     if x == types.float32:
         return _exp32
     if x == types.float64:
         return _exp64
+    return None
+
+
+@intrinsic
+def _bits_of_float(typingctx, value):
+    """The bit pattern of ``value`` (float32 -> int32, float64 -> int64)."""
+    if value == types.float32:
+        return types.int32(types.float32), lambda context, builder, sig, args: builder.bitcast(
+            args[0], ir.IntType(32))
+    if value == types.float64:
+        return types.int64(types.float64), lambda context, builder, sig, args: builder.bitcast(
+            args[0], ir.IntType(64))
+    return None
+
+
+def _log1p(u):
+    """log1p(u) for a float32 or float64 scalar u >= -1 (NaN propagates), vectorizable."""
+    raise NotImplementedError  # pragma: no cover - only its numba overload runs
+
+
+def _log1p32(u):
+    # v = 1 + u rounded, c its rounding error: log1p(u) = log(v) - c / v (first order, exact enough:
+    # c / v is below half an ulp of v).  log(v) = e ln 2 + log(m), v = 2**e m, m in [sqrt(1/2),
+    # sqrt(2)); log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series to s**9
+    # (truncation 2e-9 relative).  ln 2 in two parts (e ln2_hi exact).
+    v = numpy.float32(1.0) + u
+    c = (v - numpy.float32(1.0)) - u
+    bits = _bits_of_float(v)
+    e = (bits >> 23) - 127
+    m_bits = (bits & 0x007FFFFF) | 0x3F800000
+    big = m_bits > 0x3FB504F3  # m > sqrt(2): halve it
+    m_bits = m_bits - (0x00800000 if big else 0)
+    e = e + (1 if big else 0)
+    f = _float_from_bits(numpy.int32(m_bits)) - numpy.float32(1.0)
+    s = f / (numpy.float32(2.0) + f)
+    z = s * s
+    q = numpy.float32(2.0 / 9.0)
+    q = q * z + numpy.float32(2.0 / 7.0)
+    q = q * z + numpy.float32(2.0 / 5.0)
+    q = q * z + numpy.float32(2.0 / 3.0)
+    log_m = s * numpy.float32(2.0) + s * z * q
+    e_float = numpy.float32(e)
+    result = e_float * numpy.float32(0.693145751953125) + (
+        log_m + (e_float * numpy.float32(1.428606765330187e-06) - c / v))
+    result = result if v < numpy.float32(numpy.inf) else v  # +inf
+    result = result if v > numpy.float32(0.0) else (numpy.float32(-numpy.inf) if v == numpy.float32(0.0)
+                                                    else numpy.float32(numpy.nan))
+    return result if u == u else u
+
+
+def _log1p64(u):
+    # as _log1p32, the series to s**21 (truncation 1e-18 relative)
+    v = 1.0 + u
+    c = (v - 1.0) - u
+    bits = _bits_of_float(v)
+    e = (bits >> 52) - 1023
+    m_bits = (bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000
+    big = m_bits > 0x3FF6A09E667F3BCD
+    m_bits = m_bits - (0x0010000000000000 if big else 0)
+    e = e + (1 if big else 0)
+    f = _float_from_bits(numpy.int64(m_bits)) - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    q = 2.0 / 21.0
+    for coefficient in (2.0 / 19.0, 2.0 / 17.0, 2.0 / 15.0, 2.0 / 13.0, 2.0 / 11.0, 2.0 / 9.0, 2.0 / 7.0,
+                        2.0 / 5.0, 2.0 / 3.0):
+        q = q * z + coefficient
+    log_m = s * 2.0 + s * z * q
+    e_float = numpy.float64(e)
+    result = e_float * 6.93147180369123816490e-01 + (log_m + (e_float * 1.90821492927058770002e-10 - c / v))
+    result = result if v < numpy.inf else v
+    result = result if v > 0.0 else (-numpy.inf if v == 0.0 else numpy.nan)
+    return result if u == u else u
+
+
+@overload(_log1p, jit_options=_OVERLOAD_JIT)
+def _log1p_overload(u):
+    if u == types.float32:
+        return _log1p32
+    if u == types.float64:
+        return _log1p64
+    return None
+
+
+def _expm1(y):
+    """expm1(y) for a float32 or float64 scalar, vectorizable."""
+    raise NotImplementedError  # pragma: no cover - only its numba overload runs
+
+
+def _expm1_32(y):
+    # |y| < ln 2: y + y**2 (1/2 + y/6 + ...), Taylor to y**10 (truncation 1e-8 relative); else
+    # exp(y) - 1, where nothing cancels (exp(y) <= 1/2 or >= 2)
+    q = numpy.float32(1.0 / 3628800.0)
+    for coefficient in (1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+                        1.0 / 6.0, 0.5):
+        q = q * y + numpy.float32(coefficient)
+    small = y + y * y * q
+    return small if abs(y) < numpy.float32(0.6931471805599453) else _exp(y) - numpy.float32(1.0)
+
+
+def _expm1_64(y):
+    # as _expm1_32, Taylor to y**17 (truncation 3e-18 relative)
+    q = 1.0 / 355687428096000.0
+    for coefficient in (1.0 / 20922789888000.0, 1.0 / 1307674368000.0, 1.0 / 87178291200.0,
+                        1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                        1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+                        1.0 / 6.0, 0.5):
+        q = q * y + coefficient
+    small = y + y * y * q
+    return small if abs(y) < 0.6931471805599453 else _exp(y) - 1.0
+
+
+@overload(_expm1, jit_options=_OVERLOAD_JIT)
+def _expm1_overload(y):
+    if y == types.float32:
+        return _expm1_32
+    if y == types.float64:
+        return _expm1_64
     return None
 
 
@@ -244,17 +363,15 @@ def _forward_terms(shift, shifted, others, label_exp, x_label, mean_gap, gw, w_r
     below the lse that the factor would overflow (then nothing cancels)."""
     A = type(others)
     total = others + label_exp
-    if shifted and x_label == shift:
-        log_total = A(math.log1p(others))
-        ce = log_total
+    # log(total) as log1p(total - 1): total - 1 is exact up to 2 and rounded by half an ulp above
+    # (shifted, total >= 1: the max's term is 1); branch-free, so that a loop over rows vectorizes
+    log_total = _log1p(others if shifted and x_label == shift else total - A(1))
+    if shifted:
+        ce = log_total + (shift - x_label)  # = log1p(others) when the label is the max
     else:
-        log_total = A(math.log(total))
-        if shifted:
-            ce = log_total + (shift - x_label)
-        elif x_label < log_total - A(0.9) * A(math.log(numpy.finfo(A).max)) or x_label == -numpy.inf:
-            ce = log_total - x_label
-        else:
-            ce = A(math.log1p(others * A(math.exp(-x_label))))
+        far = x_label < log_total - A(0.9) * A(math.log(numpy.finfo(A).max)) or x_label == -numpy.inf
+        near = _log1p(others * _exp(-x_label))
+        ce = log_total - x_label if far else near
     lse = shift + log_total
     loss = ce
     if eps != 0:  # (1 - eps) ce + eps (lse - mean_k x_k)
@@ -270,7 +387,7 @@ def _forward_terms(shift, shifted, others, label_exp, x_label, mean_gap, gw, w_r
     # (softmax - 1) scale + (scale - 1) + (1 - t_label), scale - 1 = 2 z lse
     label_term = A(0)
     if gradient:
-        label_term = (A(math.expm1(-ce)) * scale + (z_loss + z_loss) * lse + (eps - smooth_other)) * gw
+        label_term = (_expm1(-ce) * scale + (z_loss + z_loss) * lse + (eps - smooth_other)) * gw
     return lse, loss, scale * gw / total, smooth_other * gw, label_term
 
 
@@ -281,7 +398,7 @@ def _lse_terms(lse, x_label, gw, eps, z_loss, K):
     A = type(lse)
     scale = A(1) + (z_loss + z_loss) * lse
     smooth_other = eps / A(K)
-    label_term = (A(math.expm1(x_label - lse)) * scale + (z_loss + z_loss) * lse + (eps - smooth_other)) * gw
+    label_term = (_expm1(x_label - lse) * scale + (z_loss + z_loss) * lse + (eps - smooth_other)) * gw
     return scale * gw, smooth_other * gw, label_term
 
 

@@ -800,7 +800,6 @@ def gather_label_logit(p):
     return out, _for_each_block(p, body)
 
 
-@_quiet
 def forward_out(p, loss, lse, softmax):
     """Loss rows (compute dtype), and lse and the softmax when those buffers are given (the
     softmax only without features: Paddle's op)."""
@@ -808,6 +807,11 @@ def forward_out(p, loss, lse, softmax):
     if compiled is not None:
         op = compiled.FORWARD if softmax is None else compiled.FORWARD_SOFTMAX
         return _compiled_rows(compiled, p, op, loss=loss, lse=lse, out=softmax)
+    return _forward_steps(p, loss, lse, softmax)
+
+
+@_quiet
+def _forward_steps(p, loss, lse, softmax):
     clean = _labels_clean(p)
 
     def body(b):
@@ -834,7 +838,6 @@ def forward_out(p, loss, lse, softmax):
     return _for_each_block(p, body)
 
 
-@_quiet
 def backward_out(p, loss_grad, lse, softmax, grad):
     """Gradient from ``softmax`` (Paddle's grad op: then ``p.x`` holds it) or recomputed from
     ``p.x`` and ``lse``.  ``grad`` may be ``p.x`` itself (in place): each tile's label logits
@@ -843,6 +846,11 @@ def backward_out(p, loss_grad, lse, softmax, grad):
     if compiled is not None:
         op = compiled.BACKWARD_LSE if softmax is None else compiled.BACKWARD_SOFTMAX
         return _compiled_rows(compiled, p, op, loss_grad=loss_grad, lse_in=lse, out=grad)
+    return _backward_steps(p, loss_grad, lse, softmax, grad)
+
+
+@_quiet
+def _backward_steps(p, loss_grad, lse, softmax, grad):
     clean = _labels_clean(p)
 
     def body(b):
@@ -883,12 +891,16 @@ def _times(a, b):
     return a if isinstance(b, int) and b == 1 else a * b
 
 
-@_quiet
 def forward_backward_out(p, loss_grad, loss, grad):
     """Loss and gradient from one read of the logits; ``grad`` may be ``p.x`` (in place)."""
     compiled = _compiled_for(p)
     if compiled is not None:
         return _compiled_rows(compiled, p, compiled.FORWARD_BACKWARD, loss_grad=loss_grad, loss=loss, out=grad)
+    return _forward_backward_steps(p, loss_grad, loss, grad)
+
+
+@_quiet
+def _forward_backward_steps(p, loss_grad, loss, grad):
     clean = _labels_clean(p)
 
     def body(b):
@@ -931,17 +943,18 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
     the NumPy steps use (``COLUMNS``, or strided ``NATIVE``: K runs of rows).  Which one a row
     takes depends on K alone, so its bits do not depend on the layout."""
     acc = p.acc_dtype
-    empty = numpy.empty(0, acc)
-    weight = empty if p.weight is None else p.weight
+    weight = _NO_WEIGHT[acc.char] if p.weight is None else p.weight
     weight_mean = acc.type(0) if p.weight is None else p.weight_sum[0] / p.K
     constants = (weight, weight_mean, acc.type(p.label_smoothing), acc.type(p.z_loss))
     by_columns = p.K <= compiled.COLUMNS_MAX_K
+    if p.inner == 1 and p.dtype == acc and p.outer * p.K <= MIN_BLOCK_ELEMENTS:
+        return _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, loss, lse, out)
     layout = _layout(p) if by_columns else (NATIVE if p.inner == 1 else ROWS)
 
     def body(b):
         slabs, K, m = b.x.shape  # (rows, K, 1) for rows; (slabs, K, m) for columns
         per_row = (slabs, m) if by_columns else (slabs * m,)
-        absent = numpy.empty((0,) * len(per_row), acc)  # an input or output not wanted
+        absent = _ABSENT[len(per_row)][acc.char]  # an input or output not wanted
 
         def rows_in(arr):  # a per-row input, contiguous
             return absent if arr is None else numpy.ascontiguousarray(b.rows(arr).reshape(per_row))
@@ -973,3 +986,38 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
         columns = b.i1 - b.i0
         return (b.o0 + bad // columns) * p.inner + b.i0 + bad % columns
     return _for_each_block(p, body, layout=layout)
+
+
+# Stand-ins for absent arrays (empty: nothing can be written into them), by rank and compute
+# dtype; writeable, as the kernels' outputs are (a read-only array is another numba type).
+_ABSENT = {rank: {c: numpy.empty((0,) * rank, c) for c in 'fd'} for rank in (1, 2, 3)}
+_NO_WEIGHT = _ABSENT[1]
+
+
+def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, loss, lse, out):
+    """``_compiled_rows`` for a small problem with contiguous rows in the compute dtype: the whole
+    problem is one tile, so the kernel runs on it directly (no tile objects, no pool).  The
+    kernel is the one a tile of these rows would take (by K), so the bits are the tiles'."""
+    acc = p.acc_dtype
+    n, K = p.outer, p.K
+    rank = 2 if by_columns else 1
+    absent = _ABSENT[rank][acc.char]
+
+    def per_row(arr):
+        return absent if arr is None else arr.reshape((1, n) if by_columns else (n,))
+    x = p.x.reshape(n, K)
+    if by_columns:  # the columns layout: (1, K, n)
+        x = x.T.copy().reshape(1, K, n)
+    if out is None:
+        out_tile = _ABSENT[x.ndim][acc.char]
+    elif by_columns or out.dtype != acc:
+        out_tile = numpy.empty(x.shape, acc)
+    else:
+        out_tile = out.reshape(n, K)
+    work = numpy.empty((K, n) if by_columns else (K,), acc)
+    bad = (compiled.columns if by_columns else compiled.rows)(
+        op, x, per_row(p.label), per_row(lse_in), per_row(loss_grad), p.ignore_index, *constants,
+        per_row(loss), per_row(lse), out_tile, work)
+    if out is not None and out_tile.base is not out:
+        numpy.copyto(out.reshape(n, K), out_tile[0].T if by_columns else out_tile)
+    return bad if bad >= 0 and p.check_labels else None
