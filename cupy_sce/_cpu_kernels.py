@@ -364,8 +364,9 @@ def _forward_terms(shift, shifted, others, label_exp, x_label, mean_gap, gw, w_r
     A = type(others)
     total = others + label_exp
     # log(total) as log1p(total - 1): total - 1 is exact up to 2 and rounded by half an ulp above
-    # (shifted, total >= 1: the max's term is 1); branch-free, so that a loop over rows vectorizes
-    log_total = _log1p(others if shifted and x_label == shift else total - A(1))
+    # (shifted, total >= 1: the max's term is 1); branch-free, so that a loop over rows vectorizes.
+    # The label is the max where its term is 1 (not NaN: a row holding +inf has lse NaN)
+    log_total = _log1p(others if shifted and label_exp == A(1) else total - A(1))
     if shifted:
         ce = log_total + (shift - x_label)  # = log1p(others) when the label is the max
     else:
