@@ -19,18 +19,26 @@ depend on its batch, tile, layout or thread count.  Soft labels and the soft cap
 NumPy tiles (``supports``).
 """
 import math
+import warnings
 
 import numba
 import numpy
 from llvmlite import ir
 from numba import types
+from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
 
 # The operations of ``rows`` (one kernel, the operation chosen per call).
 FORWARD, FORWARD_SOFTMAX, FORWARD_BACKWARD, BACKWARD_LSE, BACKWARD_SOFTMAX = range(5)
+# A row's label in ``columns``: in range, equal to ignore_index, or neither.
+VALID, IGNORED, BAD = range(3)
 # Rows of at most this many classes go to ``columns`` (vectorized across rows), longer ones to
 # ``rows`` (vectorized along the row): the NumPy backend's SMALL_K, whose tiles have that layout.
 COLUMNS_MAX_K = 64
+# ``columns`` takes a tile's rows in blocks of about this many elements (128 KiB of float32 logits,
+# as much of exponentials: in a core's L2 cache between the steps), a multiple of LANE_ROWS rows.
+COLUMNS_BLOCK = 32768
+LANE_ROWS = 16
 
 # FMA contraction only outside the sums: no reassociation (the careful forms stay as written) and IEEE
 # semantics for NaN and inf, which are valid inputs (error_model='numpy': x / 0 is inf or NaN, as in NumPy).
@@ -104,7 +112,7 @@ def _exp64(x):
     return result if x == x else x
 
 
-@overload(_exp, jit_options=_OVERLOAD_JIT)
+@overload(_exp, jit_options=_OVERLOAD_JIT, inline='always')
 def _exp_overload(x):
     if x == types.float32:
         return _exp32
@@ -185,7 +193,7 @@ def _log1p64(u):
     return result if u == u else u
 
 
-@overload(_log1p, jit_options=_OVERLOAD_JIT)
+@overload(_log1p, jit_options=_OVERLOAD_JIT, inline='always')
 def _log1p_overload(u):
     if u == types.float32:
         return _log1p32
@@ -222,7 +230,7 @@ def _expm1_64(y):
     return small if abs(y) < 0.6931471805599453 else _exp(y) - 1.0
 
 
-@overload(_expm1, jit_options=_OVERLOAD_JIT)
+@overload(_expm1, jit_options=_OVERLOAD_JIT, inline='always')
 def _expm1_overload(y):
     if y == types.float32:
         return _expm1_32
@@ -328,7 +336,7 @@ def _divided(values, divisor, out):
 # a row's scalars (the same for both loop nests)
 # --------------------------------------------------------------------------
 
-@numba.njit(**_JIT)
+@numba.njit(inline='always', **_JIT)
 def _decode(raw, ignore_index, K):
     """Step 3: ``(ignored, bad, index)`` of a hard label; an invalid row reads class 0 (unused)."""
     raw = numpy.int64(raw)
@@ -337,7 +345,7 @@ def _decode(raw, ignore_index, K):
     return ignored, bad, 0 if ignored or bad else raw
 
 
-@numba.njit(**_JIT)
+@numba.njit(inline='always', **_JIT)
 def _row_weight(weight, index, eps, weight_mean):
     """Paddle's row weight ``sum_k t_k w_k``: ``(1 - eps) w[label] + eps mean(w)`` (1 without weights)."""
     if weight.shape[0] == 0:
@@ -347,7 +355,7 @@ def _row_weight(weight, index, eps, weight_mean):
     return weight[index]
 
 
-@numba.njit(**_JIT)
+@numba.njit(inline='always', **_JIT)
 def _forward_terms(shift, shifted, others, label_exp, x_label, mean_gap, gw, w_row, eps, z_loss, K, gradient):
     """Steps 2, 4 and 5's scalars of a row from its sums: ``(lse, loss, scale, minus, label_term)``,
     the gradient being ``exp(x_k - shift) * scale - minus`` and ``label_term`` at the label (computed
@@ -392,7 +400,7 @@ def _forward_terms(shift, shifted, others, label_exp, x_label, mean_gap, gw, w_r
     return lse, loss, scale * gw / total, smooth_other * gw, label_term
 
 
-@numba.njit(**_JIT)
+@numba.njit(inline='always', **_JIT)
 def _lse_terms(lse, x_label, gw, eps, z_loss, K):
     """The backward from lse: ``(scale, minus, label_term)``, the gradient being ``exp(x_k - lse) *
     scale - minus`` and ``label_term`` at the label (as in ``_forward_terms``)."""
@@ -497,104 +505,155 @@ def rows(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps
 def columns(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps, z_loss, loss, lse, out, work):
     """``rows`` for rows of at most COLUMNS_MAX_K classes, vectorized across the rows: a tile is
     ``(slabs, K, m)``, row ``(s, j)`` being ``x[s, :, j]`` (the NumPy backend's transposed and strided
-    tiles), and each step runs class after class over the m rows of a slab, so a row's sums run
-    in class order whatever m is.  The per-row arrays are ``(slabs, m)`` (``label``, ``lse_in``,
+    tiles), and each step runs class after class over a block of a slab's rows, so a row's sums
+    run in class order whatever m is.  The per-row arrays are ``(slabs, m)`` (``label``, ``lse_in``,
     ``loss_grad``, ``loss``, ``lse``), ``out`` is ``(slabs, K, m)`` (may be ``x``) and ``work``
-    ``(K, m)`` scratch; a bad row is reported as ``s * m + j``.  Arguments otherwise as in ``rows``.
+    ``(K, block)`` scratch, ``block`` from ``column_block(K)``; a bad row is reported as
+    ``s * m + j``.  Arguments otherwise as in ``rows``.
     """
     slabs, K, m = x.shape
+    block = work.shape[1]
     A = type(eps)
-    zero = A(0)
+    zero, one, nan = A(0), A(1), A(numpy.nan)
     lowest = numpy.finfo(x.dtype).min
-    shift = numpy.empty(m, x.dtype)
-    others = numpy.empty(m, x.dtype)
-    x_label = numpy.empty(m, x.dtype)
-    index = numpy.empty(m, numpy.int64)
-    wide = numpy.empty(m if eps != 0 else 0, numpy.float64)
+    forward = op <= FORWARD_BACKWARD
+    # per-row scratch of a block: the label's class (0 for an invalid row) and the row's state
+    # (VALID, IGNORED, BAD), its logit and exponential, the row weight and loss_grad * weight,
+    # the shift and the sums, the lse; then the gradient's factors
+    index = numpy.empty(block, numpy.int64)
+    state = numpy.empty(block, numpy.int8)
+    x_label = numpy.empty(block, x.dtype)
+    label_exp = numpy.empty(block, x.dtype)
+    w_row = numpy.empty(block, x.dtype)
+    gw = numpy.empty(block, x.dtype)
+    shift = numpy.empty(block, x.dtype)
+    others = numpy.empty(block, x.dtype)
+    wide = numpy.empty(block, numpy.float64)
+    row_lse = numpy.empty(block, x.dtype)
+    row_loss = numpy.empty(block, x.dtype)
+    scale = numpy.empty(block, x.dtype)
+    minus = numpy.empty(block, x.dtype)
+    label_term = numpy.empty(block, x.dtype)
     bad_row = -1
     for s in range(slabs):
         xs = x[s]
-        for j in range(m):
-            ignored, bad, index[j] = _decode(label[s, j], ignore_index, K)
-            if bad and bad_row < 0:
-                bad_row = s * m + j
-            x_label[j] = xs[index[j], j]
-        if op == BACKWARD_SOFTMAX or op == BACKWARD_LSE:
-            for k in range(K):
-                row_k = xs[k]
-                work_k = work[k]
-                if op == BACKWARD_SOFTMAX:
-                    for j in range(m):
-                        work_k[j] = row_k[j]
-                else:
-                    for j in range(m):
-                        work_k[j] = _exp(row_k[j] - lse_in[s, j])
-        else:
-            # step 1 (NaN skipped), then step 2 class after class into work, the label's term left out
-            shift[:] = xs[0]
-            for k in range(1, K):
-                row_k = xs[k]
-                for j in range(m):
-                    shift[j] = row_k[j] if row_k[j] > shift[j] else shift[j]
-            for j in range(m):
-                shift[j] = shift[j] if shift[j] > lowest else lowest
-            if eps != 0:
-                wide[:] = 0.0
+        # a block of rows at a time, so that its logits and exponentials stay in the core's cache
+        # between the steps (loops from 0 over views: numba then knows no index is negative)
+        for j0 in range(0, m, block):
+            nb = min(block, m - j0)
+            labels_b = label[s, j0:j0 + nb]
+            # step 3, row by row (gathers and the first bad row)
+            for j in range(nb):
+                ignored, bad, idx = _decode(labels_b[j], ignore_index, K)
+                if bad and bad_row < 0:
+                    bad_row = s * m + j0 + j
+                index[j] = idx
+                state[j] = IGNORED if ignored else (BAD if bad else VALID)
+                x_label[j] = xs[idx, j0 + j]
+                w_row[j] = _row_weight(weight, idx, eps, weight_mean)
+                gw[j] = (loss_grad[s, j0 + j] if loss_grad.shape[0] > 0 else one) * w_row[j]
+            if forward:
+                # step 1 (NaN skipped: it reaches the results through its exponential), then step 2
+                # class after class into work, the label's term left out of the sum
+                first = xs[0, j0:j0 + nb]
+                for j in range(nb):
+                    shift[j] = first[j]
+                for k in range(1, K):
+                    row_k = xs[k, j0:j0 + nb]
+                    for j in range(nb):
+                        shift[j] = row_k[j] if row_k[j] > shift[j] else shift[j]
+                for j in range(nb):
+                    shift[j] = shift[j] if shift[j] > lowest else lowest
+                if eps != 0:
+                    for j in range(nb):
+                        wide[j] = 0.0
+                    for k in range(K):
+                        row_k = xs[k, j0:j0 + nb]
+                        for j in range(nb):
+                            wide[j] += numpy.float64(row_k[j])
+                for j in range(nb):
+                    others[j] = zero
                 for k in range(K):
-                    row_k = xs[k]
-                    for j in range(m):
-                        wide[j] += numpy.float64(row_k[j])
-            others[:] = zero
-            for k in range(K):
-                row_k = xs[k]
-                work_k = work[k]
-                for j in range(m):
-                    e = _exp(row_k[j] - shift[j])
-                    work_k[j] = e
-                    others[j] += e if index[j] != k else zero
-        # the rows' scalars, then the outputs class after class (x is not read again: out may be x)
-        for j in range(m):
-            ignored, bad, idx = _decode(label[s, j], ignore_index, K)
-            invalid = ignored or bad
-            fill = zero if ignored else A(numpy.nan)
-            w_row = _row_weight(weight, idx, eps, weight_mean)
-            gw = (loss_grad[s, j] if loss_grad.shape[0] > 0 else A(1)) * w_row
-            if op == BACKWARD_SOFTMAX:
-                scale, minus, label_term = gw, zero, (x_label[j] - A(1)) * gw
-            elif op == BACKWARD_LSE:
-                scale, minus, label_term = _lse_terms(lse_in[s, j], x_label[j], gw, eps, z_loss, K)
-            else:
-                mean_gap = numpy.float64(shift[j]) - wide[j] / K if eps != 0 else 0.0
-                label_exp = work[idx, j]
-                row_lse, row_loss, scale, minus, label_term = _forward_terms(
-                    shift[j], True, others[j], label_exp, x_label[j], mean_gap, gw, w_row, eps, z_loss, K,
-                    op == FORWARD_BACKWARD)
+                    row_k = xs[k, j0:j0 + nb]
+                    work_k = work[k]
+                    for j in range(nb):
+                        e = _exp(row_k[j] - shift[j])
+                        work_k[j] = e
+                        others[j] += e if index[j] != k else zero
+                for j in range(nb):
+                    label_exp[j] = work[index[j], j]
+                # steps 4 and 5's scalars, vectorized across the rows (the label's term even when
+                # unused, and the lse even when not wanted: a branch would keep the loop scalar)
+                for j in range(nb):
+                    mean_gap = numpy.float64(shift[j]) - wide[j] / K if eps != 0 else 0.0
+                    row_lse[j], value, scale[j], minus[j], label_term[j] = _forward_terms(
+                        shift[j], True, others[j], label_exp[j], x_label[j], mean_gap, gw[j], w_row[j], eps,
+                        z_loss, K, True)
+                    row_loss[j] = value if state[j] == VALID else (zero if state[j] == IGNORED else nan)
+                loss[s, j0:j0 + nb] = row_loss[:nb]
                 if lse.shape[0] > 0:
-                    lse[s, j] = row_lse
-                loss[s, j] = fill if invalid else row_loss
-                if op == FORWARD_SOFTMAX:  # divided (see _divided); scale is 1 / total
-                    scale, minus, label_term = others[j] + label_exp, zero, zero
-            if op != FORWARD:
-                if invalid and op != FORWARD_SOFTMAX:
-                    scale, minus, label_term = zero, -fill, fill  # 0 * NaN logits: selected below
-                # per-row factors stored over the row scalars no longer needed
-                shift[j], others[j], x_label[j] = scale, minus, label_term
-                index[j] = -1 if invalid and op != FORWARD_SOFTMAX else idx
-        if op == FORWARD:
-            continue
-        out_s = out[s]
-        for k in range(K):
-            work_k = work[k]
-            out_k = out_s[k]
-            if op == FORWARD_SOFTMAX:
-                for j in range(m):
-                    out_k[j] = work_k[j] / shift[j]
-            else:
-                for j in range(m):
-                    value = work_k[j] * shift[j] - others[j]
-                    out_k[j] = value if index[j] >= 0 else x_label[j]  # an invalid row: its fill
-        if op != FORWARD_SOFTMAX:
-            for j in range(m):
-                if index[j] >= 0:
-                    out_s[index[j], j] = x_label[j]
+                    lse[s, j0:j0 + nb] = row_lse[:nb]
+                if op == FORWARD:
+                    continue
+                if op == FORWARD_SOFTMAX:  # divided (see _divided)
+                    for j in range(nb):
+                        scale[j] = others[j] + label_exp[j]
+            elif op == BACKWARD_LSE:
+                lse_b = lse_in[s, j0:j0 + nb]
+                for k in range(K):
+                    row_k = xs[k, j0:j0 + nb]
+                    work_k = work[k]
+                    for j in range(nb):
+                        work_k[j] = _exp(row_k[j] - lse_b[j])
+                for j in range(nb):
+                    scale[j], minus[j], label_term[j] = _lse_terms(lse_b[j], x_label[j], gw[j], eps, z_loss, K)
+            else:  # BACKWARD_SOFTMAX: (softmax - onehot) * loss_grad, softmax[label] - 1 as stored
+                for k in range(K):
+                    row_k = xs[k, j0:j0 + nb]
+                    work_k = work[k]
+                    for j in range(nb):
+                        work_k[j] = row_k[j]
+                for j in range(nb):
+                    scale[j], minus[j], label_term[j] = gw[j], zero, (x_label[j] - one) * gw[j]
+            # the outputs class after class (x is not read again: out may be x)
+            out_s = out[s]
+            for k in range(K):
+                work_k = work[k]
+                out_k = out_s[k, j0:j0 + nb]
+                if op == FORWARD_SOFTMAX:
+                    for j in range(nb):
+                        out_k[j] = work_k[j] / scale[j]
+                else:
+                    for j in range(nb):
+                        # an invalid row's gradient is its fill, selected (its logits may be NaN)
+                        value = work_k[j] * scale[j] - minus[j]
+                        out_k[j] = value if state[j] == VALID else (zero if state[j] == IGNORED else nan)
+            if op != FORWARD_SOFTMAX:
+                for j in range(nb):
+                    if state[j] == VALID:
+                        out_s[index[j], j0 + j] = label_term[j]
     return bad_row
+
+
+def column_block(K):
+    """Rows a ``columns`` block takes (``work``'s second dimension): about COLUMNS_BLOCK elements, a
+    multiple of LANE_ROWS."""
+    return max(LANE_ROWS, COLUMNS_BLOCK // max(K, 1) // LANE_ROWS * LANE_ROWS)
+
+
+def _compiled_quietly(dispatcher):
+    """Compile ``dispatcher``'s new signatures without NumbaIRAssumptionWarning: numba's IR inliner
+    (``inline='always'``, which lets LLVM vectorize the loops over rows) trips that internal
+    pedantic check ("variable ... is not in scope"), which says nothing about the code."""
+    compile_for_args = dispatcher._compile_for_args
+
+    def compile_quietly(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', NumbaIRAssumptionWarning)
+            return compile_for_args(*args, **kwargs)
+    dispatcher._compile_for_args = compile_quietly
+    return dispatcher
+
+
+rows = _compiled_quietly(rows)
+columns = _compiled_quietly(columns)

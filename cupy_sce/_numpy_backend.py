@@ -966,7 +966,7 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
         loss_rows, lse_rows = rows_out(loss, 'loss'), rows_out(lse, 'lse')
         if by_columns:
             x, out_tile, kernel = b.x, tile, compiled.columns
-            work = _scratch('exp', (K, m), acc)
+            work = _scratch('exp', (K, compiled.column_block(K)), acc)
         else:
             x, kernel = b.x.reshape(slabs, K), compiled.rows
             out_tile = None if tile is None else tile.reshape(slabs, K)
@@ -1014,7 +1014,7 @@ def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, l
         out_tile = numpy.empty(x.shape, acc)
     else:
         out_tile = out.reshape(n, K)
-    work = numpy.empty((K, n) if by_columns else (K,), acc)
+    work = numpy.empty((K, compiled.column_block(K)) if by_columns else (K,), acc)
     bad = (compiled.columns if by_columns else compiled.rows)(
         op, x, per_row(p.label), per_row(lse_in), per_row(loss_grad), p.ignore_index, *constants,
         per_row(loss), per_row(lse), out_tile, work)

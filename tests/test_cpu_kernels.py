@@ -43,6 +43,7 @@ def _ulps(got, want):
     return numpy.abs(ordered(got) - ordered(want)).astype(numpy.float64)
 
 
+@pytest.mark.filterwarnings('ignore::numba.core.errors.NumbaIRAssumptionWarning')  # see _compiled_quietly
 @pytest.mark.parametrize('dtype', [numpy.float32, numpy.float64])
 @pytest.mark.parametrize('name, domain', [('_exp', (-800.0, 710.0)), ('_log1p', (-1.0, 1e300)),
                                           ('_expm1', (-800.0, 710.0))])
