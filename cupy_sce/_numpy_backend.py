@@ -943,7 +943,7 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
     the NumPy steps use (``COLUMNS``, or strided ``NATIVE``: K runs of rows).  Which one a row
     takes depends on K alone, so its bits do not depend on the layout."""
     acc = p.acc_dtype
-    weight = _NO_WEIGHT[acc.char] if p.weight is None else p.weight
+    weight = _ABSENT_INPUT[1][acc.char] if p.weight is None else _read_only(p.weight)
     weight_mean = acc.type(0) if p.weight is None else p.weight_sum[0] / p.K
     constants = (weight, weight_mean, acc.type(p.label_smoothing), acc.type(p.z_loss))
     by_columns = p.K <= compiled.COLUMNS_MAX_K
@@ -954,10 +954,12 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
     def body(b):
         slabs, K, m = b.x.shape  # (rows, K, 1) for rows; (slabs, K, m) for columns
         per_row = (slabs, m) if by_columns else (slabs * m,)
-        absent = _ABSENT[len(per_row)][acc.char]  # an input or output not wanted
+        absent = _ABSENT[len(per_row)][acc.char]  # an output not wanted
 
-        def rows_in(arr):  # a per-row input, contiguous
-            return absent if arr is None else numpy.ascontiguousarray(b.rows(arr).reshape(per_row))
+        def rows_in(arr, dtype=acc):  # a per-row input, contiguous
+            if arr is None:
+                return _ABSENT_INPUT[len(per_row)][acc.char]
+            return _read_only(numpy.ascontiguousarray(b.rows(arr).reshape(per_row), dtype=dtype))
 
         def rows_out(arr, slot):
             return absent if arr is None else _scratch(slot, per_row, acc)
@@ -973,7 +975,8 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
             work = _scratch('exp', (K,), acc)
         if out_tile is None:
             out_tile = numpy.empty((0,) * x.ndim, acc)
-        bad = kernel(op, x, rows_in(p.label), rows_in(lse_in), rows_in(loss_grad), p.ignore_index, *constants,
+        bad = kernel(op, _read_only(x), rows_in(p.label, numpy.int64), rows_in(lse_in), rows_in(loss_grad),
+                     p.ignore_index, *constants,
                      loss_rows, lse_rows, out_tile, work)
         if loss is not None:
             b.put_rows(loss, loss_rows)
@@ -989,9 +992,21 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
 
 
 # Stand-ins for absent arrays (empty: nothing can be written into them), by rank and compute
-# dtype; writeable, as the kernels' outputs are (a read-only array is another numba type).
+# dtype: writeable ones for outputs, read-only ones for inputs (see _read_only).
 _ABSENT = {rank: {c: numpy.empty((0,) * rank, c) for c in 'fd'} for rank in (1, 2, 3)}
-_NO_WEIGHT = _ABSENT[1]
+_ABSENT_INPUT = {rank: {c: numpy.empty((0,) * rank, c) for c in 'fd'} for rank in (1, 2, 3)}
+for _group in _ABSENT_INPUT.values():
+    for _array in _group.values():
+        _array.flags.writeable = False
+
+
+def _read_only(arr):
+    """A read-only view of a kernel input: the compiled kernels take every input read-only
+    (and labels as int64), whatever the caller's arrays are, so that numba compiles one signature
+    per kernel and dtype (a writeable and a read-only array are two numba types)."""
+    view = arr.view()
+    view.flags.writeable = False
+    return view
 
 
 def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, loss, lse, out):
@@ -1005,6 +1020,11 @@ def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, l
 
     def per_row(arr):
         return absent if arr is None else arr.reshape((1, n) if by_columns else (n,))
+
+    def per_row_in(arr):
+        if arr is None:
+            return _ABSENT_INPUT[rank][acc.char]
+        return _read_only(arr.reshape((1, n) if by_columns else (n,)))
     x = p.x.reshape(n, K)
     if by_columns:  # the columns layout: (1, K, n)
         x = x.T.copy().reshape(1, K, n)
@@ -1016,7 +1036,8 @@ def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, l
         out_tile = out.reshape(n, K)
     work = numpy.empty((K, compiled.column_block(K)) if by_columns else (K,), acc)
     bad = (compiled.columns if by_columns else compiled.rows)(
-        op, x, per_row(p.label), per_row(lse_in), per_row(loss_grad), p.ignore_index, *constants,
+        op, _read_only(x), per_row_in(p.label.astype(numpy.int64, copy=False)), per_row_in(lse_in),
+        per_row_in(loss_grad), p.ignore_index, *constants,
         per_row(loss), per_row(lse), out_tile, work)
     if out is not None and out_tile.base is not out:
         numpy.copyto(out.reshape(n, K), out_tile[0].T if by_columns else out_tile)

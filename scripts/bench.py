@@ -1,12 +1,19 @@
 #!/usr/bin/env python
 """Benchmark cupy_sce against its peers, measured in the same run.
 
-    python scripts/bench.py [--quick] [--overhead] [--linear] [--device cpu|gpu|all] [--threads N] [--repeat N] [--out DIR]
+    python scripts/bench.py [--quick] [--overhead] [--linear] [--device cpu|gpu|all] [--threads N] [--repeat N]
+                            [--simd avx2] [--out DIR]
 
 CPU peers (whichever are installed): a naive NumPy composition, PyTorch CPU
 ``F.cross_entropy(reduction='none')`` (+ ``.backward()``), and one
 single-threaded ``np.exp(x, out=y)`` pass over the logits (the floor a
-forward pass is measured against).  GPU peers: PyTorch CUDA and a naive CuPy
+forward pass is measured against).  cupy_sce runs on the CPU kernels it would pick by default
+(the compiled ones when numba is installed); with numba, the pure-NumPy kernels are timed next to
+them as the peer ``cupy_sce numpy kernels``.
+
+--simd avx2: the whole run as on a host without AVX-512 (this machine type comes with and without
+it): NumPy's dispatch (NPY_DISABLE_CPU_FEATURES), numba's code generation (NUMBA_CPU_NAME=haswell)
+and PyTorch's kernels (ATEN_CPU_CAPABILITY=avx2) limited to AVX2, set before they are imported.  GPU peers: PyTorch CUDA and a naive CuPy
 composition.
 
 bfloat16 (with ml_dtypes installed): on the CPU at 4096x32000 (512x32000 with --quick) against
@@ -69,6 +76,9 @@ CPU_QUICK = [
 GPU_CASES = CPU_CASES + [('8192x128256', (8192, 128256), -1)]
 GPU_QUICK = CPU_QUICK + [('1024x128256', (1024, 128256), -1)]
 OPS = ('forward', 'forward+softmax', 'backward', 'forward+backward', 'forward+backward inplace')
+# --simd avx2: what each library reads to stay within AVX2 (X86_V4 is NumPy's AVX-512 group)
+AVX2_ONLY = dict(NPY_DISABLE_CPU_FEATURES='X86_V4 AVX512_ICL AVX512_SPR', NUMBA_CPU_NAME='haswell',
+                 ATEN_CPU_CAPABILITY='avx2')
 
 
 # ---------------------------------------------------------------- inputs and the byte model
@@ -362,10 +372,36 @@ def copy_bandwidth_gbs(repeat):
     return 2 * 2 ** 31 / seconds / 1e9  # the buffers go back to the pool when this returns
 
 
+def numpy_kernels_peer(fn):
+    """``fn`` on the NumPy backend's pure-NumPy kernels, or None when the default kernels are those
+    already (then there is nothing to compare)."""
+    if cupy_sce.get_cpu_kernels() == 'numpy':
+        return None
+
+    def on_numpy_kernels():
+        cupy_sce.set_cpu_kernels('numpy')
+        try:
+            return fn()
+        finally:
+            cupy_sce.set_cpu_kernels(None)
+    return on_numpy_kernels
+
+
+def simd_found():
+    """NumPy's SIMD dispatch targets found on this host (what --simd avx2 limits)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__, __cpu_dispatch__
+        found = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+        return ' '.join(found) or 'baseline only'
+    except ImportError:  # pragma: no cover - other NumPy layouts
+        return 'unknown'
+
+
 def run_cpu(args, rows):
     cases = CPU_QUICK if args.quick else CPU_CASES
-    print('# CPU: {} ({} usable cores), cupy_sce threads: {}, numpy {}, dtype float32'.format(
-        cpu_model(), len(os.sched_getaffinity(0)), cupy_sce.get_num_threads(), numpy.__version__))
+    print('# CPU: {} ({} usable cores), cupy_sce threads: {}, CPU kernels: {}, numpy {} (SIMD: {}), '
+          'dtype float32'.format(cpu_model(), len(os.sched_getaffinity(0)), cupy_sce.get_num_threads(),
+                                 cupy_sce.get_cpu_kernels(), numpy.__version__, simd_found()))
     for name, shape, axis in cases:
         x, label = make_inputs(numpy, shape, axis, numpy.float32)
         _, lse = cupy_sce.forward(x, label, axis=axis)
@@ -381,6 +417,9 @@ def run_cpu(args, rows):
             row = dict(device='cpu', case=name, op=op, impl='cupy_sce', median_ms=t_ours * 1e3,
                        min_ms=t_min * 1e3, gbs=nbytes / t_ours / 1e9)
             peers = peer_times(numpy, op, x, label, axis, args.repeat, 'cpu')
+            pure = numpy_kernels_peer(ours_fn)
+            if pure is not None:
+                peers['cupy_sce numpy kernels'] = time_cpu(pure, args.repeat)[0]
             if op == 'forward' and exp_floor is not None:
                 peers['np.exp pass'] = exp_floor
             if op == 'forward' and axis != -1:
@@ -424,7 +463,20 @@ def torch_family_peer(x, label, weight, axis, device):
 
 
 def run_feature_costs(xp, timer, args, rows, device):
-    """forward+backward with each feature set, interleaved with the featureless call (rounds)."""
+    """forward+backward with each feature set, interleaved with the featureless call (rounds); on
+    the CPU on each of the NumPy backend's kernels."""
+    kinds = [None]
+    if device == 'cpu' and cupy_sce.get_cpu_kernels() == 'numba':
+        kinds = ['numba', 'numpy']
+    for kind in kinds:
+        try:
+            cupy_sce.set_cpu_kernels(kind)
+            _run_feature_costs(xp, timer, args, rows, device, '' if kind is None else ' ({} kernels)'.format(kind))
+        finally:
+            cupy_sce.set_cpu_kernels(None)
+
+
+def _run_feature_costs(xp, timer, args, rows, device, label_suffix):
     name, shape, axis = (CPU_QUICK if args.quick else CPU_CASES)[0]
     x, label = make_inputs(xp, shape, axis, numpy.float32)
     weight = xp.asarray(numpy.random.default_rng(1).uniform(0.5, 2.0, shape[axis]).astype(numpy.float32))
@@ -444,7 +496,8 @@ def run_feature_costs(xp, timer, args, rows, device):
     base = statistics.median(times['no features'])
     for fname, _ in FEATURE_SETS:
         t = statistics.median(times[fname])
-        row = dict(device=device, case=name, op='fwd+bwd mean, ' + fname, impl='cupy_sce', median_ms=t * 1e3,
+        row = dict(device=device, case=name, op='fwd+bwd mean, ' + fname + label_suffix, impl='cupy_sce',
+                   median_ms=t * 1e3,
                    min_ms=min(times[fname]) * 1e3, gbs=bytes_moved('forward+backward', shape, axis, 4) / t / 1e9,
                    feature_cost=t / base - 1)
         peers = {'no features': base}
@@ -680,6 +733,9 @@ def run_overhead(args, rows):
             peers = {'numpy naive': per_call_us(naive_fn, n_calls)}
             if torch_fn is not None:
                 peers['torch cpu'] = per_call_us(torch_fn, n_calls)
+            pure = numpy_kernels_peer(ours)
+            if pure is not None:
+                peers['cupy_sce numpy kernels'] = per_call_us(pure, n_calls)
             us = per_call_us(ours, n_calls)
             with testing.use_backend(host_backend):
                 host_us = per_call_us(ours, n_calls)
@@ -976,8 +1032,14 @@ def main(argv=None):
                              'in --quick)')
     parser.add_argument('--scale-out', action='store_true',
                         help='only cupy_sce.dask and the vocabulary-parallel forward under mpiexec -n 2')
+    parser.add_argument('--simd', choices=('avx2',), default=None,
+                        help='run as on a host without AVX-512 (NumPy, numba and PyTorch limited to AVX2)')
     parser.add_argument('--mpi-worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.simd and os.environ.get('CUPY_SCE_BENCH_SIMD') != args.simd:
+        # NumPy reads its dispatch limits at import, and it is imported already: start again
+        env = dict(os.environ, CUPY_SCE_BENCH_SIMD=args.simd, **AVX2_ONLY)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + list(argv or sys.argv[1:]), env)
     if args.mpi_worker:
         args.repeat = args.repeat or 7
         mpi_worker(args)
