@@ -16,7 +16,7 @@ What each row computes is what ``_numpy_backend`` computes (the same steps and s
 ``tests/test_cpu_kernels.py`` compares the two), in an order that depends on the row alone: the
 sums are vectorized by LLVM with a fixed set of partial sums, so a row's bits do not
 depend on its batch, tile, layout or thread count.  Soft labels and the soft cap stay on the
-NumPy tiles (``supports``).
+NumPy tiles (``_numpy_backend._compiled_for``).
 """
 import math
 import warnings
@@ -390,14 +390,24 @@ def _forward_terms(shift, shifted, others, label_exp, x_label, mean_gap, gw, w_r
     loss = loss * w_row
     # d loss / d x_k = (softmax_k * scale - t_k) * gw, scale = sum_k t_k + 2 z lse = 1 + 2 z lse,
     # t_k = (1 - eps) [k == label] + eps / K; softmax_k = exp(x_k - shift) / total
-    scale = A(1) + (z_loss + z_loss) * lse
-    smooth_other = eps / A(K)
+    two_z_lse, minus = _feature_terms(lse, gw, eps, z_loss, K)
+    scale = A(1) + two_z_lse
     # the label's own term from expm1 of its log-probability (exact for a confident row):
     # (softmax - 1) scale + (scale - 1) + (1 - t_label), scale - 1 = 2 z lse
     label_term = A(0)
     if gradient:
-        label_term = (_expm1(-ce) * scale + (z_loss + z_loss) * lse + (eps - smooth_other)) * gw
-    return lse, loss, scale * gw / total, smooth_other * gw, label_term
+        label_term = (_expm1(-ce) * scale + two_z_lse + (eps - eps / A(K))) * gw
+    return lse, loss, scale * gw / total, minus, label_term
+
+
+@numba.njit(inline='always', **_JIT)
+def _feature_terms(lse, gw, eps, z_loss, K):
+    """``(2 z lse, eps / K * gw)``, each 0 (selected, not multiplied) when its feature is off: an
+    infinite lse or loss_grad then gives the featureless gradient, not 0 * inf = NaN."""
+    zero = type(lse)(0)
+    two_z_lse = (z_loss + z_loss) * lse if z_loss != zero else zero
+    minus = eps / type(lse)(K) * gw if eps != zero else zero
+    return two_z_lse, minus
 
 
 @numba.njit(inline='always', **_JIT)
@@ -405,10 +415,10 @@ def _lse_terms(lse, x_label, gw, eps, z_loss, K):
     """The backward from lse: ``(scale, minus, label_term)``, the gradient being ``exp(x_k - lse) *
     scale - minus`` and ``label_term`` at the label (as in ``_forward_terms``)."""
     A = type(lse)
-    scale = A(1) + (z_loss + z_loss) * lse
-    smooth_other = eps / A(K)
-    label_term = (_expm1(x_label - lse) * scale + (z_loss + z_loss) * lse + (eps - smooth_other)) * gw
-    return scale * gw, smooth_other * gw, label_term
+    two_z_lse, minus = _feature_terms(lse, gw, eps, z_loss, K)
+    scale = A(1) + two_z_lse
+    label_term = (_expm1(x_label - lse) * scale + two_z_lse + (eps - eps / A(K))) * gw
+    return scale * gw, minus, label_term
 
 
 # --------------------------------------------------------------------------

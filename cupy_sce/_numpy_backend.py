@@ -944,7 +944,7 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
     takes depends on K alone, so its bits do not depend on the layout."""
     acc = p.acc_dtype
     weight = _ABSENT_INPUT[1][acc.char] if p.weight is None else _read_only(p.weight)
-    weight_mean = acc.type(0) if p.weight is None else p.weight_sum[0] / p.K
+    weight_mean = acc.type(0) if p.weight is None or p.K == 0 else p.weight_sum[0] / p.K
     constants = (weight, weight_mean, acc.type(p.label_smoothing), acc.type(p.z_loss))
     by_columns = p.K <= compiled.COLUMNS_MAX_K
     if p.inner == 1 and p.dtype == acc and p.outer * p.K <= MIN_BLOCK_ELEMENTS:

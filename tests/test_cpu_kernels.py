@@ -202,3 +202,24 @@ def test_the_switch_checks_its_argument(monkeypatch):
     monkeypatch.setenv('CUPY_SCE_CPU_KERNELS', 'numba')
     with pytest.raises(ImportError, match='needs numba'):
         cupy_sce.get_cpu_kernels()
+
+
+@pytest.mark.parametrize('K', [3, 100])  # columns and rows
+def test_infinite_loss_grad_and_lse_give_the_featureless_gradient(ck, K):
+    # a feature that is off adds 0 (selected), not 0 * inf = NaN: an overflowing loss scale or an
+    # infinite lse gives what the NumPy steps (and the CUDA kernels) give
+    x = numpy.tile(numpy.arange(K, dtype=numpy.float32), (4, 1))
+    label = numpy.array([0, 1, 2, 0])
+    loss_grad = numpy.array([numpy.inf, 1e38, -numpy.inf, 1.0], numpy.float32)
+    lse = numpy.array([[numpy.inf], [-numpy.inf], [numpy.inf], [1e3]], numpy.float32)
+    weight = numpy.full(K, 10, numpy.float32)
+    results = {}
+    for kind in ('numpy', 'numba'):
+        with cpu_kernels(kind):
+            results[kind] = (cupy_sce.forward_backward(x, label, loss_grad)[1],
+                             cupy_sce.forward_backward(x, label, loss_grad, weight=weight)[1],
+                             cupy_sce.backward(None, x, lse, label), cupy_sce.backward(loss_grad, x, lse, label))
+    for got, want in zip(results['numba'], results['numpy']):
+        numpy.testing.assert_array_equal(numpy.isnan(got), numpy.isnan(want))
+        numpy.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not numpy.isnan(results['numba'][0][:2]).any()
