@@ -512,136 +512,199 @@ def rows(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps
 
 
 @numba.njit(**_JIT)
-def columns(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps, z_loss, loss, lse, out, work):
-    """``rows`` for rows of at most COLUMNS_MAX_K classes, vectorized across the rows: a tile is
-    ``(slabs, K, m)``, row ``(s, j)`` being ``x[s, :, j]`` (the NumPy backend's transposed and strided
-    tiles), and each step runs class after class over a block of a slab's rows, so a row's sums
-    run in class order whatever m is.  The per-row arrays are ``(slabs, m)`` (``label``, ``lse_in``,
-    ``loss_grad``, ``loss``, ``lse``), ``out`` is ``(slabs, K, m)`` (may be ``x``) and ``work``
-    ``(K, block)`` scratch, ``block`` from ``column_block(K)``; a bad row is reported as
-    ``s * m + j``.  Arguments otherwise as in ``rows``.
+def _columns_block(op, xt, nb, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps, z_loss, loss, lse,
+                   work, scratch, wide, index, state):
+    """The steps for a block of ``nb`` rows of at most COLUMNS_MAX_K classes, vectorized across the
+    rows: ``xt`` is ``(K, block)`` C-contiguous, row j being ``xt[:, j]``, and each step runs class
+    after class over the block, so a row's sums run in class order whatever the block.  Returns
+    the first bad row of the block (or -1).
+
+    label, lse_in, loss_grad, loss, lse   the block's per-row arrays (length nb; lse_in, loss_grad
+                  and lse may be empty: absent), as in ``rows``
+    work          (K, block): the exponentials; on return the output (softmax or gradient, invalid
+                  rows and the label's terms included) for every op but FORWARD
+    scratch       (SCRATCH_ROWS, block), wide (block,) float64, index (block,) int64, state
+                  (block,) int8: per-row scratch
     """
-    slabs, K, m = x.shape
-    block = work.shape[1]
+    K = xt.shape[0]
     A = type(eps)
     zero, one, nan = A(0), A(1), A(numpy.nan)
-    lowest = numpy.finfo(x.dtype).min
-    forward = op <= FORWARD_BACKWARD
-    # per-row scratch of a block: the label's class (0 for an invalid row) and the row's state
-    # (VALID, IGNORED, BAD), its logit and exponential, the row weight and loss_grad * weight,
-    # the shift and the sums, the lse; then the gradient's factors
+    lowest = numpy.finfo(xt.dtype).min
+    x_label, label_exp, w_row, gw = scratch[0], scratch[1], scratch[2], scratch[3]
+    shift, others, row_lse, row_loss = scratch[4], scratch[5], scratch[6], scratch[7]
+    scale, minus, label_term = scratch[8], scratch[9], scratch[10]
+    bad_row = -1
+    # step 3, row by row (gathers and the first bad row)
+    for j in range(nb):
+        ignored, bad, idx = _decode(label[j], ignore_index, K)
+        if bad and bad_row < 0:
+            bad_row = j
+        index[j] = idx
+        state[j] = IGNORED if ignored else (BAD if bad else VALID)
+        x_label[j] = xt[idx, j]
+        w_row[j] = _row_weight(weight, idx, eps, weight_mean)
+        gw[j] = (loss_grad[j] if loss_grad.shape[0] > 0 else one) * w_row[j]
+    if op <= FORWARD_BACKWARD:
+        # step 1 (NaN skipped: it reaches the results through its exponential), then step 2
+        # class after class into work, the label's term left out of the sum
+        for j in range(nb):
+            shift[j] = xt[0, j]
+        for k in range(1, K):
+            row_k = xt[k]
+            for j in range(nb):
+                shift[j] = row_k[j] if row_k[j] > shift[j] else shift[j]
+        for j in range(nb):
+            shift[j] = shift[j] if shift[j] > lowest else lowest
+        if eps != 0:
+            for j in range(nb):
+                wide[j] = 0.0
+            for k in range(K):
+                row_k = xt[k]
+                for j in range(nb):
+                    wide[j] += numpy.float64(row_k[j])
+        for j in range(nb):
+            others[j] = zero
+        for k in range(K):
+            row_k = xt[k]
+            work_k = work[k]
+            for j in range(nb):
+                e = _exp(row_k[j] - shift[j])
+                work_k[j] = e
+                others[j] += e if index[j] != k else zero
+        for j in range(nb):
+            label_exp[j] = work[index[j], j]
+        # steps 4 and 5's scalars, vectorized across the rows (the label's term even when unused,
+        # and the lse even when not wanted: a branch would keep the loop scalar)
+        for j in range(nb):
+            mean_gap = numpy.float64(shift[j]) - wide[j] / K if eps != 0 else 0.0
+            row_lse[j], value, scale[j], minus[j], label_term[j] = _forward_terms(
+                shift[j], True, others[j], label_exp[j], x_label[j], mean_gap, gw[j], w_row[j], eps, z_loss, K,
+                True)
+            row_loss[j] = value if state[j] == VALID else (zero if state[j] == IGNORED else nan)
+        loss[:] = row_loss[:nb]
+        if lse.shape[0] > 0:
+            lse[:] = row_lse[:nb]
+        if op == FORWARD:
+            return bad_row
+        if op == FORWARD_SOFTMAX:  # divided (see _divided)
+            for k in range(K):
+                work_k = work[k]
+                for j in range(nb):
+                    work_k[j] = work_k[j] / (others[j] + label_exp[j])
+            return bad_row
+    elif op == BACKWARD_LSE:
+        for k in range(K):
+            row_k = xt[k]
+            work_k = work[k]
+            for j in range(nb):
+                work_k[j] = _exp(row_k[j] - lse_in[j])
+        for j in range(nb):
+            scale[j], minus[j], label_term[j] = _lse_terms(lse_in[j], x_label[j], gw[j], eps, z_loss, K)
+    else:  # BACKWARD_SOFTMAX: (softmax - onehot) * loss_grad, softmax[label] - 1 as stored
+        for k in range(K):
+            row_k = xt[k]
+            work_k = work[k]
+            for j in range(nb):
+                work_k[j] = row_k[j]
+        for j in range(nb):
+            scale[j], minus[j], label_term[j] = gw[j], zero, (x_label[j] - one) * gw[j]
+    # step 5: the gradient in work; an invalid row's is its fill, selected (its logits may be NaN)
+    for k in range(K):
+        work_k = work[k]
+        for j in range(nb):
+            value = work_k[j] * scale[j] - minus[j]
+            work_k[j] = value if state[j] == VALID else (zero if state[j] == IGNORED else nan)
+    for j in range(nb):
+        if state[j] == VALID:
+            work[index[j], j] = label_term[j]
+    return bad_row
+
+
+# Rows of ``_columns_block``'s float scratch.
+SCRATCH_ROWS = 11
+
+
+@numba.njit(**_JIT)
+def columns(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps, z_loss, loss, lse, out, work):
+    """``rows`` for rows of at most COLUMNS_MAX_K classes along a strided axis: a tile is
+    ``(slabs, K, m)``, row ``(s, j)`` being ``x[s, :, j]`` (the NumPy backend's strided tiles),
+    taken in blocks of ``work.shape[1]`` rows (``column_block(K)``: in L2 between the steps).  The
+    per-row arrays are ``(slabs, m)``, ``out`` is ``(slabs, K, m)`` (may be ``x``) and ``work``
+    ``(K, block)`` scratch; a bad row is reported as ``s * m + j``.  Arguments otherwise as in
+    ``rows``."""
+    slabs, K, m = x.shape
+    block = work.shape[1]
+    xt = numpy.empty((K, block), x.dtype)
+    scratch = numpy.empty((SCRATCH_ROWS, block), x.dtype)
+    wide = numpy.empty(block, numpy.float64)
     index = numpy.empty(block, numpy.int64)
     state = numpy.empty(block, numpy.int8)
-    x_label = numpy.empty(block, x.dtype)
-    label_exp = numpy.empty(block, x.dtype)
-    w_row = numpy.empty(block, x.dtype)
-    gw = numpy.empty(block, x.dtype)
-    shift = numpy.empty(block, x.dtype)
-    others = numpy.empty(block, x.dtype)
-    wide = numpy.empty(block, numpy.float64)
-    row_lse = numpy.empty(block, x.dtype)
-    row_loss = numpy.empty(block, x.dtype)
-    scale = numpy.empty(block, x.dtype)
-    minus = numpy.empty(block, x.dtype)
-    label_term = numpy.empty(block, x.dtype)
     bad_row = -1
     for s in range(slabs):
         xs = x[s]
-        # a block of rows at a time, so that its logits and exponentials stay in the core's cache
-        # between the steps (loops from 0 over views: numba then knows no index is negative)
         for j0 in range(0, m, block):
             nb = min(block, m - j0)
-            labels_b = label[s, j0:j0 + nb]
-            # step 3, row by row (gathers and the first bad row)
-            for j in range(nb):
-                ignored, bad, idx = _decode(labels_b[j], ignore_index, K)
-                if bad and bad_row < 0:
-                    bad_row = s * m + j0 + j
-                index[j] = idx
-                state[j] = IGNORED if ignored else (BAD if bad else VALID)
-                x_label[j] = xs[idx, j0 + j]
-                w_row[j] = _row_weight(weight, idx, eps, weight_mean)
-                gw[j] = (loss_grad[s, j0 + j] if loss_grad.shape[0] > 0 else one) * w_row[j]
-            if forward:
-                # step 1 (NaN skipped: it reaches the results through its exponential), then step 2
-                # class after class into work, the label's term left out of the sum
-                first = xs[0, j0:j0 + nb]
+            for k in range(K):  # the block's logits, contiguous (loops from 0 over views: numba
+                row_k = xs[k, j0:j0 + nb]  # then knows no index is negative)
+                xt_k = xt[k]
                 for j in range(nb):
-                    shift[j] = first[j]
-                for k in range(1, K):
-                    row_k = xs[k, j0:j0 + nb]
-                    for j in range(nb):
-                        shift[j] = row_k[j] if row_k[j] > shift[j] else shift[j]
-                for j in range(nb):
-                    shift[j] = shift[j] if shift[j] > lowest else lowest
-                if eps != 0:
-                    for j in range(nb):
-                        wide[j] = 0.0
-                    for k in range(K):
-                        row_k = xs[k, j0:j0 + nb]
-                        for j in range(nb):
-                            wide[j] += numpy.float64(row_k[j])
-                for j in range(nb):
-                    others[j] = zero
+                    xt_k[j] = row_k[j]
+            bad = _columns_block(
+                op, xt, nb, label[s, j0:j0 + nb], _block_of(lse_in, s, j0, nb), _block_of(loss_grad, s, j0, nb),
+                ignore_index, weight, weight_mean, eps, z_loss, _block_of(loss, s, j0, nb), _block_of(lse, s, j0, nb),
+                work, scratch, wide, index, state)
+            if bad >= 0 and bad_row < 0:
+                bad_row = s * m + j0 + bad
+            if op != FORWARD:  # x's block is in xt: out may be x
                 for k in range(K):
-                    row_k = xs[k, j0:j0 + nb]
+                    out_k = out[s, k, j0:j0 + nb]
                     work_k = work[k]
                     for j in range(nb):
-                        e = _exp(row_k[j] - shift[j])
-                        work_k[j] = e
-                        others[j] += e if index[j] != k else zero
-                for j in range(nb):
-                    label_exp[j] = work[index[j], j]
-                # steps 4 and 5's scalars, vectorized across the rows (the label's term even when
-                # unused, and the lse even when not wanted: a branch would keep the loop scalar)
-                for j in range(nb):
-                    mean_gap = numpy.float64(shift[j]) - wide[j] / K if eps != 0 else 0.0
-                    row_lse[j], value, scale[j], minus[j], label_term[j] = _forward_terms(
-                        shift[j], True, others[j], label_exp[j], x_label[j], mean_gap, gw[j], w_row[j], eps,
-                        z_loss, K, True)
-                    row_loss[j] = value if state[j] == VALID else (zero if state[j] == IGNORED else nan)
-                loss[s, j0:j0 + nb] = row_loss[:nb]
-                if lse.shape[0] > 0:
-                    lse[s, j0:j0 + nb] = row_lse[:nb]
-                if op == FORWARD:
-                    continue
-                if op == FORWARD_SOFTMAX:  # divided (see _divided)
-                    for j in range(nb):
-                        scale[j] = others[j] + label_exp[j]
-            elif op == BACKWARD_LSE:
-                lse_b = lse_in[s, j0:j0 + nb]
-                for k in range(K):
-                    row_k = xs[k, j0:j0 + nb]
-                    work_k = work[k]
-                    for j in range(nb):
-                        work_k[j] = _exp(row_k[j] - lse_b[j])
-                for j in range(nb):
-                    scale[j], minus[j], label_term[j] = _lse_terms(lse_b[j], x_label[j], gw[j], eps, z_loss, K)
-            else:  # BACKWARD_SOFTMAX: (softmax - onehot) * loss_grad, softmax[label] - 1 as stored
-                for k in range(K):
-                    row_k = xs[k, j0:j0 + nb]
-                    work_k = work[k]
-                    for j in range(nb):
-                        work_k[j] = row_k[j]
-                for j in range(nb):
-                    scale[j], minus[j], label_term[j] = gw[j], zero, (x_label[j] - one) * gw[j]
-            # the outputs class after class (x is not read again: out may be x)
-            out_s = out[s]
+                        out_k[j] = work_k[j]
+    return bad_row
+
+
+@numba.njit(inline='always', **_JIT)
+def _block_of(per_row, s, j0, nb):
+    """A block of a slab's per-row array, or the empty array itself (flattened) when it is absent."""
+    return per_row[s, j0:j0 + nb] if per_row.shape[0] > 0 else per_row.reshape(per_row.size)
+
+
+@numba.njit(**_JIT)
+def columns_of_rows(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps, z_loss, loss, lse,
+                    out, work):
+    """``columns`` for contiguous rows: ``x`` is ``(n, K)``, each block of rows transposed into
+    scratch on the way in (and the output on the way out) while it is in cache; the per-row
+    arrays are ``(n,)`` and ``out`` ``(n, K)`` (may be ``x``).  The same steps in the same order
+    as ``columns``, so a row's bits do not depend on the layout it comes in."""
+    n, K = x.shape
+    block = work.shape[1]
+    xt = numpy.empty((K, block), x.dtype)
+    scratch = numpy.empty((SCRATCH_ROWS, block), x.dtype)
+    wide = numpy.empty(block, numpy.float64)
+    index = numpy.empty(block, numpy.int64)
+    state = numpy.empty(block, numpy.int8)
+    bad_row = -1
+    for j0 in range(0, n, block):
+        nb = min(block, n - j0)
+        rows_b = x[j0:j0 + nb]
+        for j in range(nb):
+            row = rows_b[j]
             for k in range(K):
-                work_k = work[k]
-                out_k = out_s[k, j0:j0 + nb]
-                if op == FORWARD_SOFTMAX:
-                    for j in range(nb):
-                        out_k[j] = work_k[j] / scale[j]
-                else:
-                    for j in range(nb):
-                        # an invalid row's gradient is its fill, selected (its logits may be NaN)
-                        value = work_k[j] * scale[j] - minus[j]
-                        out_k[j] = value if state[j] == VALID else (zero if state[j] == IGNORED else nan)
-            if op != FORWARD_SOFTMAX:
-                for j in range(nb):
-                    if state[j] == VALID:
-                        out_s[index[j], j0 + j] = label_term[j]
+                xt[k, j] = row[k]
+        bad = _columns_block(
+            op, xt, nb, label[j0:j0 + nb], lse_in[j0:j0 + nb] if lse_in.shape[0] > 0 else lse_in[:0],
+            loss_grad[j0:j0 + nb] if loss_grad.shape[0] > 0 else loss_grad[:0], ignore_index, weight, weight_mean,
+            eps, z_loss, loss[j0:j0 + nb] if loss.shape[0] > 0 else loss[:0],
+            lse[j0:j0 + nb] if lse.shape[0] > 0 else lse[:0], work, scratch, wide, index, state)
+        if bad >= 0 and bad_row < 0:
+            bad_row = j0 + bad
+        if op != FORWARD:
+            out_b = out[j0:j0 + nb]
+            for j in range(nb):
+                out_row = out_b[j]
+                for k in range(K):
+                    out_row[k] = work[k, j]
     return bad_row
 
 
@@ -667,3 +730,4 @@ def _compiled_quietly(dispatcher):
 
 rows = _compiled_quietly(rows)
 columns = _compiled_quietly(columns)
+columns_of_rows = _compiled_quietly(columns_of_rows)

@@ -949,7 +949,10 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
     by_columns = p.K <= compiled.COLUMNS_MAX_K
     if p.inner == 1 and p.dtype == acc and p.outer * p.K <= MIN_BLOCK_ELEMENTS:
         return _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, loss, lse, out)
-    layout = _layout(p) if by_columns else (NATIVE if p.inner == 1 else ROWS)
+    # contiguous rows stay as they are (columns_of_rows transposes blocks of short ones in cache),
+    # strided ones of more than SMALL_K classes are transposed to rows
+    layout = NATIVE if p.inner == 1 or by_columns else ROWS
+    by_columns = by_columns and p.inner > 1  # else columns_of_rows, which takes rows
 
     def body(b):
         slabs, K, m = b.x.shape  # (rows, K, 1) for rows; (slabs, K, m) for columns
@@ -968,11 +971,11 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
         loss_rows, lse_rows = rows_out(loss, 'loss'), rows_out(lse, 'lse')
         if by_columns:
             x, out_tile, kernel = b.x, tile, compiled.columns
-            work = _scratch('exp', (K, compiled.column_block(K)), acc)
         else:
-            x, kernel = b.x.reshape(slabs, K), compiled.rows
+            x = b.x.reshape(slabs, K)
+            kernel = compiled.columns_of_rows if K <= compiled.COLUMNS_MAX_K else compiled.rows
             out_tile = None if tile is None else tile.reshape(slabs, K)
-            work = _scratch('exp', (K,), acc)
+        work = _scratch('exp', (K, compiled.column_block(K)) if K <= compiled.COLUMNS_MAX_K else (K,), acc)
         if out_tile is None:
             out_tile = numpy.empty((0,) * x.ndim, acc)
         bad = kernel(op, _read_only(x), rows_in(p.label, numpy.int64), rows_in(lse_in), rows_in(loss_grad),
@@ -1015,30 +1018,23 @@ def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, l
     kernel is the one a tile of these rows would take (by K), so the bits are the tiles'."""
     acc = p.acc_dtype
     n, K = p.outer, p.K
-    rank = 2 if by_columns else 1
-    absent = _ABSENT[rank][acc.char]
 
     def per_row(arr):
-        return absent if arr is None else arr.reshape((1, n) if by_columns else (n,))
+        return _ABSENT[1][acc.char] if arr is None else arr.reshape(n)
 
     def per_row_in(arr):
-        if arr is None:
-            return _ABSENT_INPUT[rank][acc.char]
-        return _read_only(arr.reshape((1, n) if by_columns else (n,)))
+        return _ABSENT_INPUT[1][acc.char] if arr is None else _read_only(arr.reshape(n))
     x = p.x.reshape(n, K)
-    if by_columns:  # the columns layout: (1, K, n)
-        x = x.T.copy().reshape(1, K, n)
     if out is None:
-        out_tile = _ABSENT[x.ndim][acc.char]
-    elif by_columns or out.dtype != acc:
+        out_tile = _ABSENT[2][acc.char]
+    elif out.dtype != acc:
         out_tile = numpy.empty(x.shape, acc)
     else:
         out_tile = out.reshape(n, K)
     work = numpy.empty((K, compiled.column_block(K)) if by_columns else (K,), acc)
-    bad = (compiled.columns if by_columns else compiled.rows)(
+    bad = (compiled.columns_of_rows if by_columns else compiled.rows)(
         op, _read_only(x), per_row_in(p.label.astype(numpy.int64, copy=False)), per_row_in(lse_in),
-        per_row_in(loss_grad), p.ignore_index, *constants,
-        per_row(loss), per_row(lse), out_tile, work)
+        per_row_in(loss_grad), p.ignore_index, *constants, per_row(loss), per_row(lse), out_tile, work)
     if out is not None and out_tile.base is not out:
-        numpy.copyto(out.reshape(n, K), out_tile[0].T if by_columns else out_tile)
+        numpy.copyto(out.reshape(n, K), out_tile)
     return bad if bad >= 0 and p.check_labels else None
