@@ -964,8 +964,14 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
                 return _ABSENT_INPUT[len(per_row)][acc.char]
             return _read_only(numpy.ascontiguousarray(b.rows(arr).reshape(per_row), dtype=dtype))
 
+        direct_rows = p.inner == 1  # the caller's per-row outputs are contiguous: written in place
+
         def rows_out(arr, slot):
-            return absent if arr is None else _scratch(slot, per_row, acc)
+            if arr is None:
+                return absent
+            if direct_rows and arr.dtype == acc:
+                return arr.reshape(-1)[b.o0:b.o1]
+            return _scratch(slot, per_row, acc)
 
         tile = None if out is None else b.work(out, 'grad', alias_ok=True)
         loss_rows, lse_rows = rows_out(loss, 'loss'), rows_out(lse, 'lse')
@@ -977,14 +983,13 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
             out_tile = None if tile is None else tile.reshape(slabs, K)
         work = _scratch('exp', (K, compiled.column_block(K)) if K <= compiled.COLUMNS_MAX_K else (K,), acc)
         if out_tile is None:
-            out_tile = numpy.empty((0,) * x.ndim, acc)
+            out_tile = _ABSENT[x.ndim][acc.char]
         bad = kernel(op, _read_only(x), rows_in(p.label, numpy.int64), rows_in(lse_in), rows_in(loss_grad),
                      p.ignore_index, *constants,
                      loss_rows, lse_rows, out_tile, work)
-        if loss is not None:
-            b.put_rows(loss, loss_rows)
-        if lse is not None:
-            b.put_rows(lse, lse_rows)
+        for arr, rows in ((loss, loss_rows), (lse, lse_rows)):
+            if arr is not None and not (direct_rows and arr.dtype == acc):
+                b.put_rows(arr, rows)
         if tile is not None:
             b.put_full(out, tile)
         if bad < 0 or not p.check_labels:
