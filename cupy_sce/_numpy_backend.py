@@ -111,6 +111,9 @@ _cpu_kernels_choice = None
 _cpu_kernels_module = None  # False: numba did not import
 
 
+_cpu_kernels_in_use = None  # get_cpu_kernels' answer, until set_cpu_kernels is called (it is on every call's path)
+
+
 def _default_cpu_kernels():
     env = os.environ.get('CUPY_SCE_CPU_KERNELS', 'auto')
     if env not in _CPU_KERNELS:
@@ -124,24 +127,32 @@ def set_cpu_kernels(kind):
     NumPy) or ``'auto'`` (numba when it imports); ``None`` restores the default
     (``CUPY_SCE_CPU_KERNELS``, else ``'auto'``).  Soft labels and ``softcap`` always run on
     NumPy's steps.  ``'numba'`` without numba raises ImportError."""
-    global _cpu_kernels_choice
+    global _cpu_kernels_choice, _cpu_kernels_in_use
     if kind is not None and (not isinstance(kind, str) or kind not in _CPU_KERNELS):
         raise ValueError('cpu kernels must be one of {} or None, got {!r}'.format(_CPU_KERNELS, kind))
     if kind == 'numba' and _compiled_module() is None:
         raise ImportError("set_cpu_kernels('numba') needs numba (pip install cupy_sce[cpu])")
     _cpu_kernels_choice = kind
+    _cpu_kernels_in_use = None
 
 
 def get_cpu_kernels():
-    """The CPU kernels calls use now: ``'numba'`` or ``'numpy'`` (see set_cpu_kernels)."""
+    """The CPU kernels calls use now: ``'numba'`` or ``'numpy'`` (see set_cpu_kernels).
+    ``CUPY_SCE_CPU_KERNELS`` is read at the first call (and again after ``set_cpu_kernels``)."""
+    global _cpu_kernels_in_use
+    if _cpu_kernels_in_use is not None:
+        return _cpu_kernels_in_use
     choice = _cpu_kernels_choice or _default_cpu_kernels()
     if choice == 'numpy':
-        return 'numpy'
-    if _compiled_module() is None:
+        in_use = 'numpy'
+    elif _compiled_module() is None:
         if choice == 'numba':
             raise ImportError("CUPY_SCE_CPU_KERNELS=numba needs numba (pip install cupy_sce[cpu])")
-        return 'numpy'
-    return 'numba'
+        in_use = 'numpy'
+    else:
+        in_use = 'numba'
+    _cpu_kernels_in_use = in_use
+    return in_use
 
 
 def _compiled_module():
@@ -943,9 +954,12 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
     the NumPy steps use (``COLUMNS``, or strided ``NATIVE``: K runs of rows).  Which one a row
     takes depends on K alone, so its bits do not depend on the layout."""
     acc = p.acc_dtype
-    weight = _ABSENT_INPUT[1][acc.char] if p.weight is None else _read_only(p.weight)
-    weight_mean = acc.type(0) if p.weight is None or p.K == 0 else p.weight_sum[0] / p.K
-    constants = (weight, weight_mean, acc.type(p.label_smoothing), acc.type(p.z_loss))
+    if p.features:
+        weight = _ABSENT_INPUT[1][acc.char] if p.weight is None else _read_only(p.weight)
+        weight_mean = acc.type(0) if p.weight is None or p.K == 0 else p.weight_sum[0] / p.K
+        constants = (weight, weight_mean, acc.type(p.label_smoothing), acc.type(p.z_loss))
+    else:
+        constants = _NO_FEATURES[acc.char]
     by_columns = p.K <= compiled.COLUMNS_MAX_K
     if p.inner == 1 and p.dtype == acc and p.outer * p.K <= MIN_BLOCK_ELEMENTS:
         return _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, loss, lse, out)
@@ -1008,6 +1022,11 @@ for _group in _ABSENT_INPUT.values():
         _array.flags.writeable = False
 
 
+# rows()'s feature arguments when every feature is off: no weight, weight mean, eps and z-loss 0
+_NO_FEATURES = {c: (_ABSENT_INPUT[1][c], numpy.dtype(c).type(0), numpy.dtype(c).type(0), numpy.dtype(c).type(0))
+                for c in 'fd'}
+
+
 def _read_only(arr):
     """A read-only view of a kernel input: the compiled kernels take every input read-only
     (and labels as int64), whatever the caller's arrays are, so that numba compiles one signature
@@ -1023,23 +1042,23 @@ def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, l
     kernel is the one a tile of these rows would take (by K), so the bits are the tiles'."""
     acc = p.acc_dtype
     n, K = p.outer, p.K
-
-    def per_row(arr):
-        return _ABSENT[1][acc.char] if arr is None else arr.reshape(n)
-
-    def per_row_in(arr):
-        return _ABSENT_INPUT[1][acc.char] if arr is None else _read_only(arr.reshape(n))
+    absent_in, absent_out = _ABSENT_INPUT[1][acc.char], _ABSENT[1][acc.char]
     x = p.x.reshape(n, K)
+    copy_out = out is not None and out.dtype != acc
     if out is None:
         out_tile = _ABSENT[2][acc.char]
-    elif out.dtype != acc:
-        out_tile = numpy.empty(x.shape, acc)
     else:
-        out_tile = out.reshape(n, K)
-    work = numpy.empty((K, compiled.column_block(K)) if by_columns else (K,), acc)
+        out_tile = numpy.empty(x.shape, acc) if copy_out else out.reshape(n, K)
+    if by_columns:  # blocks of at most n rows (rounded up to the lanes): small scratch for small n
+        lanes = compiled.LANE_ROWS
+        work = numpy.empty((K, min(compiled.column_block(K), -(-n // lanes) * lanes)), acc)
+    else:
+        work = numpy.empty(K, acc)
     bad = (compiled.columns_of_rows if by_columns else compiled.rows)(
-        op, _read_only(x), per_row_in(p.label.astype(numpy.int64, copy=False)), per_row_in(lse_in),
-        per_row_in(loss_grad), p.ignore_index, *constants, per_row(loss), per_row(lse), out_tile, work)
-    if out is not None and out_tile.base is not out:
+        op, _read_only(x), _read_only(p.label.reshape(n).astype(numpy.int64, copy=False)),
+        absent_in if lse_in is None else _read_only(lse_in.reshape(n)),
+        absent_in if loss_grad is None else _read_only(loss_grad.reshape(n)), p.ignore_index, *constants,
+        absent_out if loss is None else loss.reshape(n), absent_out if lse is None else lse.reshape(n), out_tile, work)
+    if copy_out:
         numpy.copyto(out.reshape(n, K), out_tile)
     return bad if bad >= 0 and p.check_labels else None

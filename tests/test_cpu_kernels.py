@@ -188,20 +188,24 @@ def test_the_switch_checks_its_argument(monkeypatch):
     for bad in ('fast', 'NUMBA', 1, True):
         with pytest.raises(ValueError, match='cpu kernels must be one of'):
             cupy_sce.set_cpu_kernels(bad)
-    monkeypatch.setenv('CUPY_SCE_CPU_KERNELS', 'fastest')
-    with pytest.raises(ValueError, match="CUPY_SCE_CPU_KERNELS must be one of .* got 'fastest'"):
-        cupy_sce.get_cpu_kernels()
-    monkeypatch.setenv('CUPY_SCE_CPU_KERNELS', 'numpy')
-    assert cupy_sce.get_cpu_kernels() == 'numpy'
-    # without numba: 'auto' falls back to the NumPy steps, 'numba' says what is missing
-    monkeypatch.setattr(_numpy_backend, '_cpu_kernels_module', False)
-    monkeypatch.setenv('CUPY_SCE_CPU_KERNELS', 'auto')
-    assert cupy_sce.get_cpu_kernels() == 'numpy'
-    with pytest.raises(ImportError, match='needs numba'):
-        cupy_sce.set_cpu_kernels('numba')
-    monkeypatch.setenv('CUPY_SCE_CPU_KERNELS', 'numba')
-    with pytest.raises(ImportError, match='needs numba'):
-        cupy_sce.get_cpu_kernels()
+    def from_environment(value):  # the variable is read again after set_cpu_kernels
+        monkeypatch.setenv('CUPY_SCE_CPU_KERNELS', value)
+        cupy_sce.set_cpu_kernels(None)
+        return cupy_sce.get_cpu_kernels()
+    try:
+        with pytest.raises(ValueError, match="CUPY_SCE_CPU_KERNELS must be one of .* got 'fastest'"):
+            from_environment('fastest')
+        assert from_environment('numpy') == 'numpy'
+        # without numba: 'auto' falls back to the NumPy steps, 'numba' says what is missing
+        monkeypatch.setattr(_numpy_backend, '_cpu_kernels_module', False)
+        assert from_environment('auto') == 'numpy'
+        with pytest.raises(ImportError, match='needs numba'):
+            cupy_sce.set_cpu_kernels('numba')
+        with pytest.raises(ImportError, match='needs numba'):
+            from_environment('numba')
+    finally:
+        monkeypatch.undo()
+        cupy_sce.set_cpu_kernels(None)
 
 
 @pytest.mark.parametrize('K', [3, 100])  # columns and rows
