@@ -953,6 +953,8 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
     (strided ones transposed: ``ROWS`` tiles), shorter ones to ``compiled.columns`` in the tiles
     the NumPy steps use (``COLUMNS``, or strided ``NATIVE``: K runs of rows).  Which one a row
     takes depends on K alone, so its bits do not depend on the layout."""
+    if p.outer * p.inner == 0:
+        return None  # no rows
     acc = p.acc_dtype
     if p.features:
         weight = _ABSENT_INPUT[1][acc.char] if p.weight is None else _read_only(p.weight)
