@@ -496,7 +496,10 @@ def _run_feature_costs(xp, timer, args, rows, device, label_suffix):
     base = statistics.median(times['no features'])
     for fname, _ in FEATURE_SETS:
         t = statistics.median(times[fname])
-        row = dict(device=device, case=name, op='fwd+bwd mean, ' + fname + label_suffix, impl='cupy_sce',
+        suffix = label_suffix
+        if 'softcap' in fname and 'numba' in label_suffix:
+            suffix = ' (numba kernels; softcap on the NumPy steps)'
+        row = dict(device=device, case=name, op='fwd+bwd mean, ' + fname + suffix, impl='cupy_sce',
                    median_ms=t * 1e3,
                    min_ms=min(times[fname]) * 1e3, gbs=bytes_moved('forward+backward', shape, axis, 4) / t / 1e9,
                    feature_cost=t / base - 1)

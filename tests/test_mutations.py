@@ -141,7 +141,7 @@ def run_probe(kernel_dir=None, asan=False, timeout=900, log_dir=None, probe=PROB
         env[harness.DTYPES_ENV] = PROBE_DTYPES[tuple(probe)]
         env[harness.OPT_ENV] = '-O0'
     env.pop('PYTEST_ADDOPTS', None)
-    cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', '-k', 'harness or not numpy',
+    cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', '-k', 'harness or not (numpy or numba)',
            '--hypothesis-seed=0'] + probe
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
