@@ -488,11 +488,14 @@ def _run_feature_costs(xp, timer, args, rows, device, label_suffix):
         calls[fname] = (lambda kw=kw: cupy_sce.forward_backward(x, label, axis=axis, **kw))
     torch_fn = torch_family_peer(x, label, weight, axis, 'cuda' if device == 'gpu' else 'cpu')
     times = {}
-    for _ in range(args.repeat):  # rounds: drift of the machine hits every variant alike
-        for fname, fn in calls.items():
+    order = list(calls.items()) + ([('torch', torch_fn)] if torch_fn is not None else [])
+    for round_ in range(args.repeat):
+        # rounds: drift of the machine hits every variant alike; each round starts one further
+        # along, so no variant is always the one that follows PyTorch (whose freed buffers leave
+        # the next call fresh pages to fault in)
+        start = round_ % len(order)
+        for fname, fn in order[start:] + order[:start]:
             times.setdefault(fname, []).append(timer(fn, 1)[0])
-        if torch_fn is not None:
-            times.setdefault('torch', []).append(timer(torch_fn, 1)[0])
     base = statistics.median(times['no features'])
     for fname, _ in FEATURE_SETS:
         t = statistics.median(times[fname])
