@@ -61,6 +61,15 @@ def _float_from_bits(typingctx, bits):
     return None
 
 
+def _inline_by_dtype(stub, float32_impl, float64_impl):
+    """Give the stub ``stub(x)`` numba implementations for float32 and float64 scalars, inlined into
+    their callers by numba (so that LLVM vectorizes the loops around them)."""
+    @overload(stub, jit_options=_OVERLOAD_JIT, inline='always')
+    def by_dtype(x):
+        return {types.float32: float32_impl, types.float64: float64_impl}.get(x)
+    return by_dtype
+
+
 def _exp(x):
     """exp(x) for a float32 or float64 scalar, vectorizable (see the overload below)."""
     raise NotImplementedError  # pragma: no cover - only its numba overload runs
@@ -112,13 +121,7 @@ def _exp64(x):
     return result if x == x else x
 
 
-@overload(_exp, jit_options=_OVERLOAD_JIT, inline='always')
-def _exp_overload(x):
-    if x == types.float32:
-        return _exp32
-    if x == types.float64:
-        return _exp64
-    return None
+_inline_by_dtype(_exp, _exp32, _exp64)
 
 
 @intrinsic
@@ -133,18 +136,18 @@ def _bits_of_float(typingctx, value):
     return None
 
 
-def _log1p(u):
-    """log1p(u) for a float32 or float64 scalar u >= -1 (NaN propagates), vectorizable."""
+def _log1p(x):
+    """log1p(x) for a float32 or float64 scalar x >= -1 (NaN propagates), vectorizable."""
     raise NotImplementedError  # pragma: no cover - only its numba overload runs
 
 
-def _log1p32(u):
-    # v = 1 + u rounded, c its rounding error: log1p(u) = log(v) - c / v (first order, exact enough:
+def _log1p32(x):
+    # v = 1 + x rounded, c its rounding error: log1p(x) = log(v) - c / v (first order, exact enough:
     # c / v is below half an ulp of v).  log(v) = e ln 2 + log(m), v = 2**e m, m in [sqrt(1/2),
     # sqrt(2)); log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series to s**9
     # (truncation 2e-9 relative).  ln 2 in two parts (e ln2_hi exact).
-    v = numpy.float32(1.0) + u
-    c = (v - numpy.float32(1.0)) - u
+    v = numpy.float32(1.0) + x
+    c = (v - numpy.float32(1.0)) - x
     bits = _bits_of_float(v)
     e = (bits >> 23) - 127
     m_bits = (bits & 0x007FFFFF) | 0x3F800000
@@ -165,13 +168,13 @@ def _log1p32(u):
     result = result if v < numpy.float32(numpy.inf) else v  # +inf
     result = result if v > numpy.float32(0.0) else (numpy.float32(-numpy.inf) if v == numpy.float32(0.0)
                                                     else numpy.float32(numpy.nan))
-    return result if u == u else u
+    return result if x == x else x
 
 
-def _log1p64(u):
+def _log1p64(x):
     # as _log1p32, the series to s**21 (truncation 1e-18 relative)
-    v = 1.0 + u
-    c = (v - 1.0) - u
+    v = 1.0 + x
+    c = (v - 1.0) - x
     bits = _bits_of_float(v)
     e = (bits >> 52) - 1023
     m_bits = (bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000
@@ -190,53 +193,41 @@ def _log1p64(u):
     result = e_float * 6.93147180369123816490e-01 + (log_m + (e_float * 1.90821492927058770002e-10 - c / v))
     result = result if v < numpy.inf else v
     result = result if v > 0.0 else (-numpy.inf if v == 0.0 else numpy.nan)
-    return result if u == u else u
+    return result if x == x else x
 
 
-@overload(_log1p, jit_options=_OVERLOAD_JIT, inline='always')
-def _log1p_overload(u):
-    if u == types.float32:
-        return _log1p32
-    if u == types.float64:
-        return _log1p64
-    return None
+_inline_by_dtype(_log1p, _log1p32, _log1p64)
 
 
-def _expm1(y):
-    """expm1(y) for a float32 or float64 scalar, vectorizable."""
+def _expm1(x):
+    """expm1(x) for a float32 or float64 scalar, vectorizable."""
     raise NotImplementedError  # pragma: no cover - only its numba overload runs
 
 
-def _expm1_32(y):
-    # |y| < ln 2: y + y**2 (1/2 + y/6 + ...), Taylor to y**10 (truncation 1e-8 relative); else
-    # exp(y) - 1, where nothing cancels (exp(y) <= 1/2 or >= 2)
+def _expm1_32(x):
+    # |x| < ln 2: x + x**2 (1/2 + x/6 + ...), Taylor to x**10 (truncation 1e-8 relative); else
+    # exp(x) - 1, where nothing cancels (exp(x) <= 1/2 or >= 2)
     q = numpy.float32(1.0 / 3628800.0)
     for coefficient in (1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
                         1.0 / 6.0, 0.5):
-        q = q * y + numpy.float32(coefficient)
-    small = y + y * y * q
-    return small if abs(y) < numpy.float32(0.6931471805599453) else _exp(y) - numpy.float32(1.0)
+        q = q * x + numpy.float32(coefficient)
+    small = x + x * x * q
+    return small if abs(x) < numpy.float32(0.6931471805599453) else _exp(x) - numpy.float32(1.0)
 
 
-def _expm1_64(y):
-    # as _expm1_32, Taylor to y**17 (truncation 3e-18 relative)
+def _expm1_64(x):
+    # as _expm1_32, Taylor to x**17 (truncation 3e-18 relative)
     q = 1.0 / 355687428096000.0
     for coefficient in (1.0 / 20922789888000.0, 1.0 / 1307674368000.0, 1.0 / 87178291200.0,
                         1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
                         1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
                         1.0 / 6.0, 0.5):
-        q = q * y + coefficient
-    small = y + y * y * q
-    return small if abs(y) < 0.6931471805599453 else _exp(y) - 1.0
+        q = q * x + coefficient
+    small = x + x * x * q
+    return small if abs(x) < 0.6931471805599453 else _exp(x) - 1.0
 
 
-@overload(_expm1, jit_options=_OVERLOAD_JIT, inline='always')
-def _expm1_overload(y):
-    if y == types.float32:
-        return _expm1_32
-    if y == types.float64:
-        return _expm1_64
-    return None
+_inline_by_dtype(_expm1, _expm1_32, _expm1_64)
 
 
 @numba.njit(**_JIT)
@@ -628,7 +619,7 @@ SCRATCH_ROWS = 11
 def columns(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps, z_loss, loss, lse, out, work):
     """``rows`` for rows of at most COLUMNS_MAX_K classes along a strided axis: a tile is
     ``(slabs, K, m)``, row ``(s, j)`` being ``x[s, :, j]`` (the NumPy backend's strided tiles),
-    taken in blocks of ``work.shape[1]`` rows (``column_block(K)``: in L2 between the steps).  The
+    taken in blocks of ``work.shape[1]`` rows (``column_block``: in L2 between the steps).  The
     per-row arrays are ``(slabs, m)``, ``out`` is ``(slabs, K, m)`` (may be ``x``) and ``work``
     ``(K, block)`` scratch; a bad row is reported as ``s * m + j``.  Arguments otherwise as in
     ``rows``."""
@@ -708,10 +699,12 @@ def columns_of_rows(op, x, label, lse_in, loss_grad, ignore_index, weight, weigh
     return bad_row
 
 
-def column_block(K):
-    """Rows a ``columns`` block takes (``work``'s second dimension): about COLUMNS_BLOCK elements, a
-    multiple of LANE_ROWS."""
-    return max(LANE_ROWS, COLUMNS_BLOCK // max(K, 1) // LANE_ROWS * LANE_ROWS)
+def column_block(K, rows):
+    """Rows a ``columns`` block takes (``work``'s second dimension) for a tile of ``rows`` rows:
+    about COLUMNS_BLOCK elements, a multiple of LANE_ROWS, and no more than the tile needs (a
+    small tile gets small scratch: the kernels size theirs by it)."""
+    block = max(LANE_ROWS, COLUMNS_BLOCK // max(K, 1) // LANE_ROWS * LANE_ROWS)
+    return min(block, max(LANE_ROWS, -(-rows // LANE_ROWS) * LANE_ROWS))
 
 
 def _compiled_quietly(dispatcher):

@@ -997,7 +997,8 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
             x = b.x.reshape(slabs, K)
             kernel = compiled.columns_of_rows if K <= compiled.COLUMNS_MAX_K else compiled.rows
             out_tile = None if tile is None else tile.reshape(slabs, K)
-        work = _scratch('exp', (K, compiled.column_block(K)) if K <= compiled.COLUMNS_MAX_K else (K,), acc)
+        work = _scratch('exp', (K, compiled.column_block(K, m if by_columns else slabs)) if K <= compiled.COLUMNS_MAX_K
+                        else (K,), acc)
         if out_tile is None:
             out_tile = _ABSENT[x.ndim][acc.char]
         bad = kernel(op, _read_only(x), rows_in(p.label, numpy.int64), rows_in(lse_in), rows_in(loss_grad),
@@ -1051,9 +1052,8 @@ def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, l
         out_tile = _ABSENT[2][acc.char]
     else:
         out_tile = numpy.empty(x.shape, acc) if copy_out else out.reshape(n, K)
-    if by_columns:  # blocks of at most n rows (rounded up to the lanes): small scratch for small n
-        lanes = compiled.LANE_ROWS
-        work = numpy.empty((K, min(compiled.column_block(K), -(-n // lanes) * lanes)), acc)
+    if by_columns:
+        work = numpy.empty((K, compiled.column_block(K, n)), acc)
     else:
         work = numpy.empty(K, acc)
     bad = (compiled.columns_of_rows if by_columns else compiled.rows)(

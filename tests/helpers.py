@@ -78,6 +78,25 @@ def cpu_kernels(kind):
         cupy_sce.set_cpu_kernels(previous)
 
 
+_harness_prebuilt = False
+
+
+def _prebuild_harness_once():
+    """Build every harness library (one per feature set) on every core at once, the first time a
+    test asks for the harness backend: the suite launches nearly all of them, and one at a time,
+    as the tests first need them, they took twice the wall time.  Not in the mutation tests'
+    probes (they build only the libraries their probe launches, some from their own sources)."""
+    global _harness_prebuilt
+    if _harness_prebuilt:
+        return
+    _harness_prebuilt = True
+    if (os.environ.get('CUPY_SCE_HARNESS_KERNEL_DIR') or os.environ.get('CUPY_SCE_HARNESS_ASAN') == '1'
+            or _harness.OPT_ENV in os.environ):  # a probe (mutation tests): its own few libraries
+        return
+    from cupy_sce import _kernels
+    _harness.prebuild(range(_kernels.ALL_FEATURES + 1))
+
+
 class Backend:
     """One backend: ``backend(fn, *args, **kwargs)`` calls ``fn`` on it with NumPy arguments and
     returns NumPy results; ``with backend.active():`` routes direct calls to it."""
@@ -101,6 +120,7 @@ class Backend:
             reason = harness.unavailable_reason()
             if reason:
                 pytest.skip('host harness unavailable: ' + reason)
+            _prebuild_harness_once()
             self.routed = harness.backend()
 
     @property
