@@ -1,6 +1,6 @@
 """Worst errors of the hard-label loss, lse and gradient against exact float64 values, in ulps.
 
-    python scripts/accuracy.py [--backends numpy harness cupy] [--problems 200] [--seed 0]
+    python scripts/accuracy.py [--backends numpy numba harness cupy] [--problems 200] [--seed 0]
 
 Random problems (K from 1 to 4097, class axis last or first), every row's label raised so that its
 loss is about 10**u with u uniform in [-8, 2] (confident predictions included), in float16,
@@ -10,8 +10,9 @@ accuracy table (and of tests/test_contract.py, which enforces the bounds): the l
 differences), the lse relative to ``|lse| + max_k |x_k|``, the gradient relative to
 ``p_k (1 + |x_k - lse|) + t_k``; in ulps (eps) of the output dtype (the lse: of the compute dtype).
 The last column is the gradient's error in units in the last place of each exact element (the
-16-bit dtypes' contract: at most 1).  ``harness`` runs the CUDA kernels on the CPU (needs g++),
-``cupy`` on a GPU.
+16-bit dtypes' contract: at most 1).  ``numpy`` is the NumPy backend on its pure-NumPy kernels,
+``numba`` on its compiled ones (needs numba), ``harness`` runs the CUDA kernels on the CPU (needs
+g++), ``cupy`` on a GPU.
 """
 import argparse
 import contextlib
@@ -97,8 +98,15 @@ def worst_errors(run, rng, dtype, n_problems):
 
 def runner(name):
     """call(fn, *numpy args, **kw) -> numpy results, on backend ``name``."""
-    if name == 'numpy':
-        context, to_device, to_host = contextlib.nullcontext, (lambda a: a), (lambda a: a)
+    if name in ('numpy', 'numba'):
+        @contextlib.contextmanager
+        def context():
+            cupy_sce.set_cpu_kernels(name)
+            try:
+                yield
+            finally:
+                cupy_sce.set_cpu_kernels(None)
+        to_device, to_host = (lambda a: a), (lambda a: a)
     elif name == 'harness':
         from cupy_sce.testing import harness
         backend = harness.backend()
@@ -116,7 +124,8 @@ def runner(name):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--backends', nargs='+', default=['numpy', 'harness'], choices=['numpy', 'harness', 'cupy'])
+    parser.add_argument('--backends', nargs='+', default=['numpy', 'numba', 'harness'],
+                        choices=['numpy', 'numba', 'harness', 'cupy'])
     parser.add_argument('--problems', type=int, default=200, help='problems per backend and dtype')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()

@@ -1,4 +1,5 @@
 """The shipped scripts, run as a user runs them (subprocesses)."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,7 +27,8 @@ def test_gradcheck_script_passes():
 
 
 def test_accuracy_script_reports_every_dtype_within_the_readme_bounds():
-    backends = ['numpy'] + ([] if harness.unavailable_reason() else ['harness'])
+    backends = ['numpy'] + (['numba'] if importlib.util.find_spec('numba') else []) + (
+        [] if harness.unavailable_reason() else ['harness'])
     result = run_script('scripts/accuracy.py', '--problems', '4', '--backends', *backends)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
@@ -35,6 +37,7 @@ def test_accuracy_script_reports_every_dtype_within_the_readme_bounds():
     # the README's bounds (loss, lse, gradient; 16-bit: the gradient within 1 ulp of each element)
     inf = float('inf')
     bounds = {'numpy': [(1, 3, 1, 1), (1, 3, 1, 1), (4, 3, 8, inf), (4, 3, 12, inf)],
+              'numba': [(1, 3, 1, 1), (1, 3, 1, 1), (4, 3, 8, inf), (4, 3, 12, inf)],  # the NumPy backend's
               'harness': [(1, 3, 1, 1), (1, 3, 1, 1), (8, 3, 12, inf), (8, 3, 16, inf)]}
     for i, row in enumerate(rows):
         errors = [float(v) for v in row[2:]]
