@@ -950,9 +950,10 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
     """Run the compiled path over the tiles; returns the first bad row (canonical index) or None.
 
     Rows of more than SMALL_K classes go to ``compiled.rows`` as contiguous runs of K values
-    (strided ones transposed: ``ROWS`` tiles), shorter ones to ``compiled.columns`` in the tiles
-    the NumPy steps use (``COLUMNS``, or strided ``NATIVE``: K runs of rows).  Which one a row
-    takes depends on K alone, so its bits do not depend on the layout."""
+    (strided ones transposed: ``ROWS`` tiles); shorter ones to ``compiled.columns_of_rows`` when
+    contiguous (it transposes blocks of them in cache) and to ``compiled.columns`` in the strided
+    ``NATIVE`` tiles (K runs of rows), both running the same block steps.  Which steps a row takes
+    depends on K alone, so its bits do not depend on the layout."""
     if p.outer * p.inner == 0:
         return None  # no rows
     acc = p.acc_dtype
