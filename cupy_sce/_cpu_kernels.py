@@ -1,16 +1,17 @@
 """The compiled CPU path: the NumPy backend's steps as one fused loop nest per row, built by numba.
 
 The pure-NumPy tiles (``_numpy_backend``) pay for every step with a pass over the tile, and their
-speed rides on NumPy's SIMD ``exp``, which is 3-4x slower on a host without AVX-512.  Here a row is
-read by three short loops while it sits in the core's cache: the row max (with the sum of the
-logits for label smoothing), the exponentials and their sum, and the gradient.  The exponential
+speed rides on NumPy's SIMD ``exp``, which is 2-4x slower on a host without AVX-512.  Here a row is
+read by a few short loops while it sits in the core's cache: the exponentials and their sum (and
+the row max first, only for a row whose unshifted sum is not safe; the sum of the logits for label
+smoothing), then the gradient.  The exponential
 is our own (``_exp``: Cody-Waite reduction and a polynomial, which LLVM vectorizes for whatever
 SIMD the host has), so the speed does not hinge on AVX-512.
 
 numba is an optional dependency (``pip install cupy_sce[cpu]``: wheels for every platform, no
 compiler needed); the NumPy backend uses this path when numba imports and
-``set_cpu_kernels('numpy')`` has not turned it off (``_numpy_backend.cpu_kernels``).  The kernels
-compile once per (dtype, label dtype) at first use and are cached on disk by numba.
+``set_cpu_kernels('numpy')`` has not turned it off (``_numpy_backend.get_cpu_kernels``).  The kernels
+compile once per compute dtype at first use and are cached on disk by numba.
 
 What each row computes is what ``_numpy_backend`` computes (the same steps and special values:
 ``tests/test_cpu_kernels.py`` compares the two), in an order that depends on the row alone: the
@@ -18,7 +19,7 @@ sums are vectorized by LLVM with a fixed set of partial sums, so a row's bits do
 depend on its batch, tile, layout or thread count.  Soft labels and the soft cap stay on the
 NumPy tiles (``_numpy_backend._compiled_for``).
 """
-import math
+import threading
 import warnings
 
 import numba
@@ -28,13 +29,15 @@ from numba import types
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
 
+from cupy_sce._numpy_backend import SMALL_K
+
 # The operations of ``rows`` (one kernel, the operation chosen per call).
 FORWARD, FORWARD_SOFTMAX, FORWARD_BACKWARD, BACKWARD_LSE, BACKWARD_SOFTMAX = range(5)
 # A row's label in ``columns``: in range, equal to ignore_index, or neither.
 VALID, IGNORED, BAD = range(3)
 # Rows of at most this many classes go to ``columns`` (vectorized across rows), longer ones to
 # ``rows`` (vectorized along the row): the NumPy backend's SMALL_K, whose tiles have that layout.
-COLUMNS_MAX_K = 64
+COLUMNS_MAX_K = SMALL_K
 # ``columns`` takes a tile's rows in blocks of about this many elements (128 KiB of float32 logits,
 # as much of exponentials: in a core's L2 cache between the steps), a multiple of LANE_ROWS rows.
 COLUMNS_BLOCK = 32768
@@ -347,6 +350,13 @@ def _row_weight(weight, index, eps, weight_mean):
 
 
 @numba.njit(inline='always', **_JIT)
+def _headroom(like):
+    """_numpy_backend's EXP_HEADROOM in the float type of ``like``: exp(headroom + 1) stays finite."""
+    A = type(like)
+    return A(80.0) if numpy.finfo(A).max < 1e39 else A(700.0)
+
+
+@numba.njit(inline='always', **_JIT)
 def _forward_terms(shift, shifted, others, label_exp, x_label, mean_gap, gw, w_row, eps, z_loss, K, gradient):
     """Steps 2, 4 and 5's scalars of a row from its sums: ``(lse, loss, scale, minus, label_term)``,
     the gradient being ``exp(x_k - shift) * scale - minus`` and ``label_term`` at the label (computed
@@ -369,7 +379,7 @@ def _forward_terms(shift, shifted, others, label_exp, x_label, mean_gap, gw, w_r
     if shifted:
         ce = log_total + (shift - x_label)  # = log1p(others) when the label is the max
     else:
-        far = x_label < log_total - A(0.9) * A(math.log(numpy.finfo(A).max)) or x_label == -numpy.inf
+        far = x_label < log_total - _headroom(log_total) or x_label == -numpy.inf
         near = _log1p(others * _exp(-x_label))
         ce = log_total - x_label if far else near
     lse = shift + log_total
@@ -425,7 +435,7 @@ def rows(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps
                   (loss, gradient into ``out``), BACKWARD_LSE (gradient from ``x`` and ``lse_in``),
                   BACKWARD_SOFTMAX (Paddle's grad op: ``x`` holds the softmax; no features)
     x             (n, K) C-contiguous logits (or the softmax) in the compute dtype, a row each
-    label         (n,) int32/int64 hard labels; ``ignore_index`` marks ignored rows (loss and
+    label         (n,) int64 hard labels; ``ignore_index`` marks ignored rows (loss and
                   gradient 0), a label outside [0, K) is bad (its row's loss and gradient NaN)
     lse_in        (n,) the rows' lse for BACKWARD_LSE, else empty
     loss_grad     (n,) the loss gradient of each row, or empty for ones
@@ -536,8 +546,9 @@ def _columns_block(op, xt, nb, label, lse_in, loss_grad, ignore_index, weight, w
         w_row[j] = _row_weight(weight, idx, eps, weight_mean)
         gw[j] = (loss_grad[j] if loss_grad.shape[0] > 0 else one) * w_row[j]
     if op <= FORWARD_BACKWARD:
-        # step 1 (NaN skipped: it reaches the results through its exponential), then step 2
-        # class after class into work, the label's term left out of the sum
+        # step 1 (a NaN is skipped, or in class 0 makes the shift the lowest value: either way it
+        # reaches the results through its exponential), then step 2 class after class into work,
+        # the label's term left out of the sum
         for j in range(nb):
             shift[j] = xt[0, j]
         for k in range(1, K):
@@ -707,6 +718,9 @@ def column_block(K, rows):
     return min(block, max(LANE_ROWS, -(-rows // LANE_ROWS) * LANE_ROWS))
 
 
+_quiet_lock = threading.Lock()
+
+
 def _compiled_quietly(dispatcher):
     """Compile ``dispatcher``'s new signatures without NumbaIRAssumptionWarning: numba's IR inliner
     (``inline='always'``, which lets LLVM vectorize the loops over rows) trips that internal
@@ -714,7 +728,7 @@ def _compiled_quietly(dispatcher):
     compile_for_args = dispatcher._compile_for_args
 
     def compile_quietly(*args, **kwargs):
-        with warnings.catch_warnings():
+        with _quiet_lock, warnings.catch_warnings():  # catch_warnings is process-wide: one at a time
             warnings.simplefilter('ignore', NumbaIRAssumptionWarning)
             return compile_for_args(*args, **kwargs)
     dispatcher._compile_for_args = compile_quietly

@@ -112,6 +112,7 @@ _cpu_kernels_module = None  # False: numba did not import
 
 
 _cpu_kernels_in_use = None  # get_cpu_kernels' answer, until set_cpu_kernels is called (it is on every call's path)
+_cpu_kernels_lock = threading.Lock()  # the choice and the cached answer change together
 
 
 def _default_cpu_kernels():
@@ -132,26 +133,29 @@ def set_cpu_kernels(kind):
         raise ValueError('cpu kernels must be one of {} or None, got {!r}'.format(_CPU_KERNELS, kind))
     if kind == 'numba' and _compiled_module() is None:
         raise ImportError("set_cpu_kernels('numba') needs numba (pip install cupy_sce[cpu])")
-    _cpu_kernels_choice = kind
-    _cpu_kernels_in_use = None
+    with _cpu_kernels_lock:
+        _cpu_kernels_choice = kind
+        _cpu_kernels_in_use = None
 
 
 def get_cpu_kernels():
     """The CPU kernels calls use now: ``'numba'`` or ``'numpy'`` (see set_cpu_kernels).
     ``CUPY_SCE_CPU_KERNELS`` is read at the first call (and again after ``set_cpu_kernels``)."""
     global _cpu_kernels_in_use
-    if _cpu_kernels_in_use is not None:
-        return _cpu_kernels_in_use
-    choice = _cpu_kernels_choice or _default_cpu_kernels()
-    if choice == 'numpy':
-        in_use = 'numpy'
-    elif _compiled_module() is None:
-        if choice == 'numba':
-            raise ImportError("CUPY_SCE_CPU_KERNELS=numba needs numba (pip install cupy_sce[cpu])")
-        in_use = 'numpy'
-    else:
-        in_use = 'numba'
-    _cpu_kernels_in_use = in_use
+    in_use = _cpu_kernels_in_use
+    if in_use is not None:
+        return in_use
+    with _cpu_kernels_lock:
+        choice = _cpu_kernels_choice or _default_cpu_kernels()
+        if choice == 'numpy':
+            in_use = 'numpy'
+        elif _compiled_module() is None:
+            if choice == 'numba':
+                raise ImportError("CUPY_SCE_CPU_KERNELS=numba needs numba (pip install cupy_sce[cpu])")
+            in_use = 'numpy'
+        else:
+            in_use = 'numba'
+        _cpu_kernels_in_use = in_use
     return in_use
 
 
@@ -162,7 +166,7 @@ def _compiled_module():
         try:
             from cupy_sce import _cpu_kernels
             _cpu_kernels_module = _cpu_kernels
-        except ImportError:
+        except Exception:  # noqa: BLE001 -- numba missing, or a numba this code does not fit: the NumPy steps
             _cpu_kernels_module = False
     return _cpu_kernels_module or None
 
@@ -171,7 +175,7 @@ def _compiled_for(p):
     """The compiled kernels when they take this problem (hard labels, no soft cap), else None."""
     if p.soft_label or p.softcap is not None or get_cpu_kernels() != 'numba':
         return None
-    return _cpu_kernels_module
+    return _compiled_module()
 
 
 def _executor():
@@ -193,6 +197,7 @@ class _Cache(dict):
 _caches = weakref.WeakSet()
 _caches_lock = threading.Lock()
 # Scratch slots a thread can hold at once: x, soft, cap, exp, grad, target, terms, slope, slope+
+# (the compiled path uses x, exp, grad and the per-row loss and lse, fewer at once)
 # (tests/test_contract.py checks the peak memory of a call against SCRATCH_SLOTS tiles a thread).
 SCRATCH_SLOTS = 9
 
@@ -959,7 +964,7 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
     acc = p.acc_dtype
     if p.features:
         weight = _ABSENT_INPUT[1][acc.char] if p.weight is None else _read_only(p.weight)
-        weight_mean = acc.type(0) if p.weight is None or p.K == 0 else p.weight_sum[0] / p.K
+        weight_mean = acc.type(0) if p.weight is None else p.weight_sum[0] / p.K
         constants = (weight, weight_mean, acc.type(p.label_smoothing), acc.type(p.z_loss))
     else:
         constants = _NO_FEATURES[acc.char]
@@ -993,7 +998,12 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
         tile = None if out is None else b.work(out, 'grad', alias_ok=True)
         loss_rows, lse_rows = rows_out(loss, 'loss'), rows_out(lse, 'lse')
         if by_columns:
-            x, out_tile, kernel = b.x, tile, compiled.columns
+            # a tile of part of a slab's rows is a strided view: contiguous copies, so that numba
+            # compiles one signature (the output goes back through put_full)
+            x, kernel = numpy.ascontiguousarray(b.x), compiled.columns
+            if tile is not None and not tile.flags.c_contiguous:
+                tile = _scratch('grad', b.x.shape, acc)
+            out_tile = tile
         else:
             x = b.x.reshape(slabs, K)
             kernel = compiled.columns_of_rows if K <= compiled.COLUMNS_MAX_K else compiled.rows
@@ -1020,7 +1030,7 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
 # Stand-ins for absent arrays (empty: nothing can be written into them), by rank and compute
 # dtype: writeable ones for outputs, read-only ones for inputs (see _read_only).
 _ABSENT = {rank: {c: numpy.empty((0,) * rank, c) for c in 'fd'} for rank in (1, 2, 3)}
-_ABSENT_INPUT = {rank: {c: numpy.empty((0,) * rank, c) for c in 'fd'} for rank in (1, 2, 3)}
+_ABSENT_INPUT = {rank: {c: numpy.empty((0,) * rank, c) for c in 'fd'} for rank in (1, 2)}
 for _group in _ABSENT_INPUT.values():
     for _array in _group.values():
         _array.flags.writeable = False
@@ -1048,11 +1058,8 @@ def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, l
     n, K = p.outer, p.K
     absent_in, absent_out = _ABSENT_INPUT[1][acc.char], _ABSENT[1][acc.char]
     x = p.x.reshape(n, K)
-    copy_out = out is not None and out.dtype != acc
-    if out is None:
-        out_tile = _ABSENT[2][acc.char]
-    else:
-        out_tile = numpy.empty(x.shape, acc) if copy_out else out.reshape(n, K)
+    # the outputs have the logits' dtype, here the compute dtype: the kernel writes them directly
+    out_tile = _ABSENT[2][acc.char] if out is None else out.reshape(n, K)
     if by_columns:
         work = numpy.empty((K, compiled.column_block(K, n)), acc)
     else:
@@ -1062,6 +1069,4 @@ def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, l
         absent_in if lse_in is None else _read_only(lse_in.reshape(n)),
         absent_in if loss_grad is None else _read_only(loss_grad.reshape(n)), p.ignore_index, *constants,
         absent_out if loss is None else loss.reshape(n), absent_out if lse is None else lse.reshape(n), out_tile, work)
-    if copy_out:
-        numpy.copyto(out.reshape(n, K), out_tile)
     return bad if bad >= 0 and p.check_labels else None

@@ -7,14 +7,14 @@
 CPU peers (whichever are installed): a naive NumPy composition, PyTorch CPU
 ``F.cross_entropy(reduction='none')`` (+ ``.backward()``), and one
 single-threaded ``np.exp(x, out=y)`` pass over the logits (the floor a
-forward pass is measured against).  cupy_sce runs on the CPU kernels it would pick by default
-(the compiled ones when numba is installed); with numba, the pure-NumPy kernels are timed next to
-them as the peer ``cupy_sce numpy kernels``.
+forward pass is measured against).  GPU peers: PyTorch CUDA and a naive CuPy composition.
+cupy_sce runs on the CPU kernels it would pick by default (the compiled ones when numba is
+installed); with numba, the pure-NumPy kernels are timed next to them as the peer ``cupy_sce numpy
+kernels``.
 
 --simd avx2: the whole run as on a host without AVX-512 (this machine type comes with and without
 it): NumPy's dispatch (NPY_DISABLE_CPU_FEATURES), numba's code generation (NUMBA_CPU_NAME=haswell)
-and PyTorch's kernels (ATEN_CPU_CAPABILITY=avx2) limited to AVX2, set before they are imported.  GPU peers: PyTorch CUDA and a naive CuPy
-composition.
+and PyTorch's kernels (ATEN_CPU_CAPABILITY=avx2) limited to AVX2, set before they are imported.
 
 bfloat16 (with ml_dtypes installed): on the CPU at 4096x32000 (512x32000 with --quick) against
 PyTorch's bfloat16 F.cross_entropy and the naive composition on a float32 copy; on a GPU next to

@@ -2,8 +2,9 @@
 safe, the row max shift elsewhere (``_numpy_backend._exp_sum``), and the same split in the
 backward from lse (``_exp_minus_lse``).  Both must give the reference's answer, a row's
 result must not depend on the rows around it, and the cheap path must really be taken.
-Every test but the last runs on the compiled CPU kernels too (``_cpu_kernels``: one row at a
-time, the max shift always), which must meet the same bounds.
+Every test but the one about the max pass runs on the compiled CPU kernels too
+(``_cpu_kernels``: one row at a time, unshifted where the row's sum is safe), which must meet the
+same bounds.
 """
 import numpy
 import pytest
