@@ -111,7 +111,8 @@ _cpu_kernels_choice = None
 _cpu_kernels_module = None  # False: numba did not import
 
 
-_cpu_kernels_in_use = None  # get_cpu_kernels' answer, until set_cpu_kernels is called (it is on every call's path)
+# get_cpu_kernels' answer until set_cpu_kernels is called (it is on every call's path)
+_cpu_kernels_in_use = None
 _cpu_kernels_lock = threading.Lock()  # the choice and the cached answer change together
 
 
@@ -911,7 +912,8 @@ def forward_backward_out(p, loss_grad, loss, grad):
     """Loss and gradient from one read of the logits; ``grad`` may be ``p.x`` (in place)."""
     compiled = _compiled_for(p)
     if compiled is not None:
-        return _compiled_rows(compiled, p, compiled.FORWARD_BACKWARD, loss_grad=loss_grad, loss=loss, out=grad)
+        return _compiled_rows(compiled, p, compiled.FORWARD_BACKWARD, loss_grad=loss_grad, loss=loss,
+                              out=grad)
     return _forward_backward_steps(p, loss_grad, loss, grad)
 
 
@@ -968,55 +970,52 @@ def _compiled_rows(compiled, p, op, loss_grad=None, lse_in=None, loss=None, lse=
         constants = (weight, weight_mean, acc.type(p.label_smoothing), acc.type(p.z_loss))
     else:
         constants = _NO_FEATURES[acc.char]
-    by_columns = p.K <= compiled.COLUMNS_MAX_K
     if p.inner == 1 and p.dtype == acc and p.outer * p.K <= MIN_BLOCK_ELEMENTS:
-        return _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, loss, lse, out)
+        return _compiled_whole(compiled, p, op, constants, loss_grad, lse_in, loss, lse, out)
     # contiguous rows stay as they are (columns_of_rows transposes blocks of short ones in cache),
-    # strided ones of more than SMALL_K classes are transposed to rows
-    layout = NATIVE if p.inner == 1 or by_columns else ROWS
-    by_columns = by_columns and p.inner > 1  # else columns_of_rows, which takes rows
+    # strided ones of more than SMALL_K classes are transposed to rows, strided short ones are
+    # the columns kernel's slabs
+    strided_columns = p.K <= compiled.COLUMNS_MAX_K and p.inner > 1
+    layout = NATIVE if p.inner == 1 or strided_columns else ROWS
+
+    def in_place(arr):  # a per-row output the kernel writes directly: contiguous, compute dtype
+        return p.inner == 1 and arr.dtype == acc
 
     def body(b):
         slabs, K, m = b.x.shape  # (rows, K, 1) for rows; (slabs, K, m) for columns
-        per_row = (slabs, m) if by_columns else (slabs * m,)
-        absent = _ABSENT[len(per_row)][acc.char]  # an output not wanted
+        per_row = (slabs, m) if strided_columns else (slabs * m,)
 
         def rows_in(arr, dtype=acc):  # a per-row input, contiguous
             if arr is None:
                 return _ABSENT_INPUT[len(per_row)][acc.char]
             return _read_only(numpy.ascontiguousarray(b.rows(arr).reshape(per_row), dtype=dtype))
 
-        direct_rows = p.inner == 1  # the caller's per-row outputs are contiguous: written in place
-
         def rows_out(arr, slot):
             if arr is None:
-                return absent
-            if direct_rows and arr.dtype == acc:
-                return arr.reshape(-1)[b.o0:b.o1]
-            return _scratch(slot, per_row, acc)
+                return _ABSENT[len(per_row)][acc.char]
+            return arr.reshape(-1)[b.o0:b.o1] if in_place(arr) else _scratch(slot, per_row, acc)
 
         tile = None if out is None else b.work(out, 'grad', alias_ok=True)
         loss_rows, lse_rows = rows_out(loss, 'loss'), rows_out(lse, 'lse')
-        if by_columns:
+        if strided_columns:
             # a tile of part of a slab's rows is a strided view: contiguous copies, so that numba
             # compiles one signature (the output goes back through put_full)
             x, kernel = numpy.ascontiguousarray(b.x), compiled.columns
+            work_shape = (K, compiled.column_block(K, m))
             if tile is not None and not tile.flags.c_contiguous:
                 tile = _scratch('grad', b.x.shape, acc)
             out_tile = tile
         else:
             x = b.x.reshape(slabs, K)
-            kernel = compiled.columns_of_rows if K <= compiled.COLUMNS_MAX_K else compiled.rows
+            kernel, work_shape = _contiguous_kernel(compiled, K, slabs)
             out_tile = None if tile is None else tile.reshape(slabs, K)
-        work = _scratch('exp', (K, compiled.column_block(K, m if by_columns else slabs)) if K <= compiled.COLUMNS_MAX_K
-                        else (K,), acc)
         if out_tile is None:
             out_tile = _ABSENT[x.ndim][acc.char]
         bad = kernel(op, _read_only(x), rows_in(p.label, numpy.int64), rows_in(lse_in), rows_in(loss_grad),
-                     p.ignore_index, *constants,
-                     loss_rows, lse_rows, out_tile, work)
+                     p.ignore_index, *constants, loss_rows, lse_rows, out_tile,
+                     _scratch('exp', work_shape, acc))
         for arr, rows in ((loss, loss_rows), (lse, lse_rows)):
-            if arr is not None and not (direct_rows and arr.dtype == acc):
+            if arr is not None and not in_place(arr):
                 b.put_rows(arr, rows)
         if tile is not None:
             b.put_full(out, tile)
@@ -1037,8 +1036,7 @@ for _group in _ABSENT_INPUT.values():
 
 
 # rows()'s feature arguments when every feature is off: no weight, weight mean, eps and z-loss 0
-_NO_FEATURES = {c: (_ABSENT_INPUT[1][c], numpy.dtype(c).type(0), numpy.dtype(c).type(0), numpy.dtype(c).type(0))
-                for c in 'fd'}
+_NO_FEATURES = {c: (_ABSENT_INPUT[1][c],) + (numpy.dtype(c).type(0),) * 3 for c in 'fd'}
 
 
 def _read_only(arr):
@@ -1050,7 +1048,14 @@ def _read_only(arr):
     return view
 
 
-def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, loss, lse, out):
+def _contiguous_kernel(compiled, K, n_rows):
+    """The kernel for a tile of ``n_rows`` contiguous rows of K classes, and its scratch's shape."""
+    if K <= compiled.COLUMNS_MAX_K:
+        return compiled.columns_of_rows, (K, compiled.column_block(K, n_rows))
+    return compiled.rows, (K,)
+
+
+def _compiled_whole(compiled, p, op, constants, loss_grad, lse_in, loss, lse, out):
     """``_compiled_rows`` for a small problem with contiguous rows in the compute dtype: the whole
     problem is one tile, so the kernel runs on it directly (no tile objects, no pool).  The
     kernel is the one a tile of these rows would take (by K), so the bits are the tiles'."""
@@ -1060,13 +1065,11 @@ def _compiled_whole(compiled, p, op, by_columns, constants, loss_grad, lse_in, l
     x = p.x.reshape(n, K)
     # the outputs have the logits' dtype, here the compute dtype: the kernel writes them directly
     out_tile = _ABSENT[2][acc.char] if out is None else out.reshape(n, K)
-    if by_columns:
-        work = numpy.empty((K, compiled.column_block(K, n)), acc)
-    else:
-        work = numpy.empty(K, acc)
-    bad = (compiled.columns_of_rows if by_columns else compiled.rows)(
+    kernel, work_shape = _contiguous_kernel(compiled, K, n)
+    bad = kernel(
         op, _read_only(x), _read_only(p.label.reshape(n).astype(numpy.int64, copy=False)),
         absent_in if lse_in is None else _read_only(lse_in.reshape(n)),
         absent_in if loss_grad is None else _read_only(loss_grad.reshape(n)), p.ignore_index, *constants,
-        absent_out if loss is None else loss.reshape(n), absent_out if lse is None else lse.reshape(n), out_tile, work)
+        absent_out if loss is None else loss.reshape(n), absent_out if lse is None else lse.reshape(n),
+        out_tile, numpy.empty(work_shape, acc))
     return bad if bad >= 0 and p.check_labels else None
