@@ -26,6 +26,7 @@ import numba
 import numpy
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
 
@@ -42,6 +43,12 @@ COLUMNS_MAX_K = SMALL_K
 # as much of exponentials: in a core's L2 cache between the steps), a multiple of LANE_ROWS rows.
 COLUMNS_BLOCK = 32768
 LANE_ROWS = 16
+# ``rows`` asks for the lines of short rows (at most this many bytes) this far ahead of the row it
+# works on, into L2: the hardware prefetcher alone left the forward at K = 1000 bound by the
+# read plus the arithmetic, not the larger of the two (docs/performance.md, 2026-11-29 second entry).
+PREFETCH_MAX_ROW_BYTES = 16384
+PREFETCH_AHEAD_BYTES = 32768
+CACHE_LINE_BYTES = 64
 
 # FMA contraction only outside the sums: no reassociation (the careful forms stay as written) and IEEE
 # semantics for NaN and inf, which are valid inputs (error_model='numpy': x / 0 is inf or NaN, as in NumPy).
@@ -62,6 +69,40 @@ def _float_from_bits(typingctx, bits):
         return types.float64(types.int64), lambda context, builder, sig, args: builder.bitcast(
             args[0], ir.DoubleType())
     return None
+
+
+@intrinsic
+def _prefer_wide_vectors(typingctx):
+    """Let LLVM vectorize the calling function with the host's widest registers.
+
+    LLVM's tuning for AVX-512 server cores prefers 256-bit vectors (its ``prefer-256-bit``
+    tuning, against the clock drop of 512-bit arithmetic on older cores); the loops here are bound
+    by the exponential's arithmetic when their row is in cache, and 512-bit vectors took them from
+    0.42 to 0.31 ns an element at K = 32000 on the Xeon of docs/performance.md.  The function
+    attribute ``prefer-vector-width`` is a per-function preference: a host without AVX-512 still
+    gets 256-bit vectors.  Every function with a hot loop calls this (LLVM may inline one into
+    another, and the loop then takes its caller's preference)."""
+    def codegen(context, builder, sig, args):
+        # llvmlite's FunctionAttributes accepts only its list of names; a string attribute is written
+        # into the IR as it is
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic
+def _prefetch_to_l2(typingctx, values, index):
+    """A hint to bring the cache line of ``values[index]`` (a 1-D array) into L2 (``llvm.prefetch``:
+    read, locality 2).  No bounds check: the callers keep ``index`` in range."""
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        address = builder.gep(array.data, [args[1]])
+        i32 = ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]), 'llvm.prefetch.p0')
+        builder.call(prefetch, [address, i32(0), i32(2), i32(1)])
+        return context.get_dummy_value()
+    return types.void(values, types.intp), codegen
 
 
 def _inline_by_dtype(stub, float32_impl, float64_impl):
@@ -237,6 +278,7 @@ _inline_by_dtype(_expm1, _expm1_32, _expm1_64)
 def _row_max(row):
     """Step 1: the max of a row, NaN skipped (NaN reaches the results through its exponential).
     Eight running maxima (a max is exact in any order): LLVM keeps them in registers."""
+    _prefer_wide_vectors()
     K = row.shape[0]
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row.dtype.type(-numpy.inf)
     for k in range(0, K - K % 8, 8):
@@ -271,6 +313,7 @@ def _row_max(row):
 @numba.njit(**_SUM_JIT)
 def _sum_wide(row):
     """The sum of a row in float64 (label smoothing's mean logit: no cancellation at large offsets)."""
+    _prefer_wide_vectors()
     total = 0.0
     for k in range(row.shape[0]):
         total += numpy.float64(row[k])
@@ -280,6 +323,7 @@ def _sum_wide(row):
 @numba.njit(**_SUM_JIT)
 def _exp_sum(row, shift, exp_out):
     """``exp_out = exp(row - shift)`` and its sum."""
+    _prefer_wide_vectors()
     total = row.dtype.type(0)
     for k in range(row.shape[0]):
         e = _exp(row[k] - shift)
@@ -288,32 +332,61 @@ def _exp_sum(row, shift, exp_out):
     return total
 
 
+@numba.njit(**_SUM_JIT)
+def _sum(values):
+    _prefer_wide_vectors()
+    total = values.dtype.type(0)
+    for k in range(values.shape[0]):
+        total += values[k]
+    return total
+
+
 @numba.njit(**_JIT)
 def _exp_sum_others(row, shift, label, exp_out):
-    """Step 2: ``exp_out = exp(row - shift)`` and its sum over the classes other than ``label``: the
-    label's term is left out, not subtracted, so that the loss of a confident row keeps its digits
-    (see ``_numpy_backend._label_sums``).  Two sums, before and after the label."""
-    exp_out[label] = _exp(row[label] - shift)
-    return _exp_sum(row[:label], shift, exp_out[:label]) + _exp_sum(row[label + 1:], shift, exp_out[label + 1:])
+    """Step 2: ``exp_out = exp(row - shift)`` and its sum over the classes other than ``label``.
+
+    One loop gives every term and their total.  Where the label's term is at most half of it, the
+    others' sum is the total minus that term: it loses at most a bit, as the others are at least
+    the label's term.  A confident row's loss is the others' small sum, which a subtraction from
+    a total near 1 would leave with few digits: there the label's term is left out, not subtracted
+    (see ``_numpy_backend._label_sums``), summing the other terms again from ``exp_out``, before
+    and after the label (additions only).  A NaN total takes that branch too and stays NaN."""
+    _prefer_wide_vectors()
+    total = _exp_sum(row, shift, exp_out)
+    label_exp = exp_out[label]
+    if label_exp + label_exp <= total:
+        return total - label_exp
+    return _sum(exp_out[:label]) + _sum(exp_out[label + 1:])
 
 
 @numba.njit(**_JIT)
 def _scaled_minus(values, scale, minus, out):
     """``out = values * scale - minus`` over a row: the gradient from the exponentials or a stored
     softmax, ``(softmax_k * prob_scale - t_k) * gw`` with the label's term put afterwards."""
+    _prefer_wide_vectors()
     for k in range(values.shape[0]):
         out[k] = values[k] * scale - minus
 
 
 @numba.njit(**_JIT)
+def _scaled_minus_in_place(values, scale, minus):
+    """``_scaled_minus`` of a row onto itself (one array: LLVM vectorizes it without alias checks)."""
+    _prefer_wide_vectors()
+    for k in range(values.shape[0]):
+        values[k] = values[k] * scale - minus
+
+
+@numba.njit(**_JIT)
 def _exp_scaled_minus(values, lse, scale, minus, out):
     """``out = exp(values - lse) * scale - minus``: the gradient from lse."""
+    _prefer_wide_vectors()
     for k in range(values.shape[0]):
         out[k] = _exp(values[k] - lse) * scale - minus
 
 
 @numba.njit(**_JIT)
 def _copy(values, out):
+    _prefer_wide_vectors()
     for k in range(values.shape[0]):
         out[k] = values[k]
 
@@ -322,8 +395,17 @@ def _copy(values, out):
 def _divided(values, divisor, out):
     """``out = values / divisor``: the softmax, divided rather than scaled by ``1 / divisor``, so that a
     row whose other terms underflow gives exactly 1."""
+    _prefer_wide_vectors()
     for k in range(values.shape[0]):
         out[k] = values[k] / divisor
+
+
+@numba.njit(**_JIT)
+def _divided_in_place(values, divisor):
+    """``_divided`` of a row onto itself."""
+    _prefer_wide_vectors()
+    for k in range(values.shape[0]):
+        values[k] = values[k] / divisor
 
 
 # --------------------------------------------------------------------------
@@ -446,13 +528,21 @@ def rows(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps
                   empty; it may be ``x`` itself (in place)
     work          (K,) scratch in the compute dtype that overlaps nothing else (a row's exponentials)
     """
+    _prefer_wide_vectors()
     n, K = x.shape
     in_place = out.shape[0] > 0 and out.ctypes.data == x.ctypes.data
     zero, half = type(eps)(0), type(eps)(0.5)
     lowest, largest = numpy.finfo(x.dtype).min, numpy.finfo(x.dtype).max
     bad_row = -1
+    # short rows: the lines PREFETCH_AHEAD_BYTES ahead of each row, one row's worth a row
+    flat = x.reshape(n * K)
+    prefetch = K * x.itemsize <= PREFETCH_MAX_ROW_BYTES
+    ahead, line = PREFETCH_AHEAD_BYTES // x.itemsize, CACHE_LINE_BYTES // x.itemsize
     for r in range(n):
         row = x[r]
+        if prefetch:
+            for e in range(r * K + ahead, min((r + 1) * K + ahead, n * K), line):
+                _prefetch_to_l2(flat, e)
         ignored, bad, idx = _decode(label[r], ignore_index, K)
         if bad and bad_row < 0:
             bad_row = r
@@ -490,24 +580,34 @@ def rows(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, eps
         # off by at most 2 subnormal ulps, as shifted); the others are shifted by their max (step 1:
         # a row of -inf by the lowest finite value, so that x - shift is -inf, not NaN: its sum is 0
         # and its lse -inf, as in _numpy_backend).  The choice is the row's own.
+        # out of place, the exponentials go straight into the output row: its first touch (a
+        # fresh page's fault, the read for ownership) then overlaps the exponentials instead of
+        # being a pass of its own, and step 5 rescales the row in cache
+        exps = out[r] if op >= FORWARD_SOFTMAX and not in_place else work
         shift = zero
-        others = _exp_sum_others(row, shift, idx, work)
-        total = others + work[idx]
+        others = _exp_sum_others(row, shift, idx, exps)
+        total = others + exps[idx]
         shifted = not (total >= half and total <= largest)
         if shifted:
             row_max = _row_max(row)
             shift = row_max if row_max > lowest else lowest
-            others = _exp_sum_others(row, shift, idx, work)
+            others = _exp_sum_others(row, shift, idx, exps)
         mean_gap = numpy.float64(shift) - _sum_wide(row) / K if eps != 0 else 0.0
         row_lse, row_loss, scale, minus, label_term = _forward_terms(
-            shift, shifted, others, work[idx], x_label, mean_gap, gw, w_row, eps, z_loss, K, op == FORWARD_BACKWARD)
+            shift, shifted, others, exps[idx], x_label, mean_gap, gw, w_row, eps, z_loss, K, op == FORWARD_BACKWARD)
         if lse.shape[0] > 0:
             lse[r] = row_lse
         loss[r] = zero if ignored else (type(eps)(numpy.nan) if bad else row_loss)
         if op == FORWARD_SOFTMAX:
-            _divided(work, others + work[idx], out[r])
+            if in_place:
+                _divided(exps, others + exps[idx], out[r])
+            else:
+                _divided_in_place(exps, others + exps[idx])
         elif op == FORWARD_BACKWARD:  # step 5
-            _scaled_minus(work, scale, minus, out[r])
+            if in_place:
+                _scaled_minus(exps, scale, minus, out[r])
+            else:
+                _scaled_minus_in_place(exps, scale, minus)
             out[r, idx] = label_term
     return bad_row
 
@@ -527,6 +627,7 @@ def _columns_block(op, xt, nb, label, lse_in, loss_grad, ignore_index, weight, w
     scratch       (SCRATCH_ROWS, block), wide (block,) float64, index (block,) int64, state
                   (block,) int8: per-row scratch
     """
+    _prefer_wide_vectors()
     K = xt.shape[0]
     A = type(eps)
     zero, one, nan = A(0), A(1), A(numpy.nan)
@@ -634,6 +735,7 @@ def columns(op, x, label, lse_in, loss_grad, ignore_index, weight, weight_mean, 
     per-row arrays are ``(slabs, m)``, ``out`` is ``(slabs, K, m)`` (may be ``x``) and ``work``
     ``(K, block)`` scratch; a bad row is reported as ``s * m + j``.  Arguments otherwise as in
     ``rows``."""
+    _prefer_wide_vectors()
     slabs, K, m = x.shape
     block = work.shape[1]
     xt = numpy.empty((K, block), x.dtype)
@@ -679,6 +781,7 @@ def columns_of_rows(op, x, label, lse_in, loss_grad, ignore_index, weight, weigh
     scratch on the way in (and the output on the way out) while it is in cache; the per-row
     arrays are ``(n,)`` and ``out`` ``(n, K)`` (may be ``x``).  The same steps in the same order
     as ``columns``, so a row's bits do not depend on the layout it comes in."""
+    _prefer_wide_vectors()
     n, K = x.shape
     block = work.shape[1]
     xt = numpy.empty((K, block), x.dtype)
