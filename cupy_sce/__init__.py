@@ -20,5 +20,6 @@ from cupy_sce._numpy_backend import (  # NOQA
     set_cpu_kernels,
     set_num_threads,
 )
+from cupy_sce._output_cache import get_output_cache_limit, set_output_cache_limit  # NOQA
 
 __version__ = '0.1.0'

@@ -22,7 +22,7 @@ try:  # CuPy is optional: without it every call runs on the NumPy backend.
 except ImportError:  # pragma: no cover - exercised on machines without CuPy
     cupy = None
 
-from cupy_sce import _dtypes, _kernels, _numpy_backend, _probabilities, _split
+from cupy_sce import _dtypes, _kernels, _numpy_backend, _output_cache, _probabilities, _split
 from cupy_sce._numpy_backend import _quiet  # NaN and inf are valid values: no RuntimeWarnings
 
 _state = threading.local()
@@ -338,6 +338,9 @@ class _Problem:
             self.raise_bad_label(bad_row)
 
     def empty(self, shape, dtype):
+        """An output array (the NumPy backend's large ones from recycled memory: _output_cache)."""
+        if self.xp is numpy:
+            return _output_cache.empty(shape, dtype)
         return self.xp.empty(shape, dtype=dtype)
 
 

@@ -35,6 +35,8 @@ import weakref
 
 import numpy
 
+from cupy_sce import _output_cache
+
 # Elements of one tile (4 MiB of float32): large enough that the about 25 NumPy calls a tile
 # pays in Python overhead (partly under the GIL) are small against its work, small enough to stay
 # in a shared L3; the measurements behind it are in docs/performance.md.
@@ -93,15 +95,19 @@ def set_num_threads(n):
 
 
 def release_scratch():
-    """Free the NumPy backend's per-thread scratch buffers (the next call allocates them again).
+    """Free the NumPy backend's per-thread scratch buffers and its cache of dropped outputs (the
+    next call allocates them again).
 
     Each thread keeps its tile buffers between calls -- about 4 MiB each (8 MiB in float64), one
-    to SCRATCH_SLOTS of them depending on the call -- so that a training loop does not pay page
-    faults every step.  Safe at any time: a call running meanwhile keeps the buffers it holds.
+    to SCRATCH_SLOTS of them depending on the call -- and the memory of large outputs the caller
+    has dropped is kept for the next output of the same size (``set_output_cache_limit``), so
+    that a training loop does not pay page faults every step.  Safe at any time: a call running
+    meanwhile keeps the buffers it holds, and outputs still alive are not affected.
     """
     with _caches_lock:
         for cache in list(_caches):
             cache.clear()
+    _output_cache.release()
 
 
 # Which implementation runs the tiles: 'numba' (the compiled path, _cpu_kernels), 'numpy' (the

@@ -10,7 +10,10 @@ single-threaded ``np.exp(x, out=y)`` pass over the logits (the floor a
 forward pass is measured against).  GPU peers: PyTorch CUDA and a naive CuPy composition.
 cupy_sce runs on the CPU kernels it would pick by default (the compiled ones when numba is
 installed); with numba, the pure-NumPy kernels are timed next to them as the peer ``cupy_sce numpy
-kernels``.
+kernels``.  Each timed call's result is dropped before the next call, as a training step drops
+the last step's gradient, so cupy_sce's large outputs come from its output cache
+(``set_output_cache_limit``); the peer ``cupy_sce fresh outputs`` is the same call with the cache
+off (fresh pages for every gradient or softmax, as PyTorch CPU allocates them).
 
 --simd avx2: the whole run as on a host without AVX-512 (this machine type comes with and without
 it): NumPy's dispatch (NPY_DISABLE_CPU_FEATURES), numba's code generation (NUMBA_CPU_NAME=haswell)
@@ -387,6 +390,19 @@ def numpy_kernels_peer(fn):
     return on_numpy_kernels
 
 
+def fresh_outputs_peer(fn):
+    """``fn`` with the NumPy backend's output cache off (``set_output_cache_limit(0)``): every
+    gradient or softmax in fresh pages, as before the cache and as PyTorch CPU allocates."""
+    def with_fresh_outputs():
+        limit = cupy_sce.get_output_cache_limit()
+        cupy_sce.set_output_cache_limit(0)
+        try:
+            return fn()
+        finally:
+            cupy_sce.set_output_cache_limit(limit)
+    return with_fresh_outputs
+
+
 def simd_found():
     """NumPy's SIMD dispatch targets found on this host (what --simd avx2 limits)."""
     try:
@@ -420,6 +436,8 @@ def run_cpu(args, rows):
             pure = numpy_kernels_peer(ours_fn)
             if pure is not None and (not args.quick or op in ('forward', 'forward+backward')):
                 peers['cupy_sce numpy kernels'] = time_cpu(pure, args.repeat)[0]
+            if op in ('forward+softmax', 'backward', 'forward+backward') and (not args.quick or op == 'forward+backward'):
+                peers['cupy_sce fresh outputs'] = time_cpu(fresh_outputs_peer(ours_fn), args.repeat)[0]
             if op == 'forward' and exp_floor is not None:
                 peers['np.exp pass'] = exp_floor
             if op == 'forward' and axis != -1:
