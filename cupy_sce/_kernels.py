@@ -172,6 +172,7 @@ TUNING_KNOBS = {
     'exp2 ftz': ('-DSCE_EXP2_FTZ=1',),  # ex2.approx.ftz: no subnormal fix-up
     'unroll 8': ('-DSCE_UNROLL=8',),    # 8 loads of 16 bytes in flight per thread, not 4
     'lean pass 1': ('-DSCE_LEAN_PASS1=1',),  # the label tested per chunk, a partial sum per chunk
+    'stage short rows': ('-DSCE_STAGE_ROWS=1',),  # one-thread rows move through shared memory as one span
 }
 
 

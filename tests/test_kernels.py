@@ -10,6 +10,7 @@ import pytest
 
 import cupy_sce
 from cupy_sce import _cupy_backend, _kernels
+from cupy_sce import testing as sce_testing
 from cupy_sce.testing import harness
 from helpers import (BFLOAT16, DTYPES, HALF_DTYPES, Backend, assert_all_outputs, check_features, make_case,
                      run_cluster_cases, tuned_kernels)
@@ -378,6 +379,61 @@ def test_misaligned_buffers_are_staged_for_vector_loads(dtype):
     with backend.active():
         cupy_sce.forward_backward(shifted, label, inplace=True)
     numpy.testing.assert_array_equal(shifted, aligned[1])
+
+
+# Short rows a thread each with the row cache (group_size 1; the block's 256 rows within the 48 KiB
+# SHARED_LIMIT): float32 K = 10 and 7 (scalar loads), 32 (16-byte vectors); float16 K = 64;
+# float64 K = 6; 300 rows: a block of 256 and a partial one.
+STAGED_CASES = [(numpy.float32, 10), (numpy.float32, 7), (numpy.float32, 32), (numpy.float16, 64),
+                (numpy.float64, 6)]
+
+
+@needs_harness
+def test_staged_short_rows_give_the_default_bits():
+    """The tuning knob SCE_STAGE_ROWS (tune_gpu.py's 'stage short rows'): a block of one-thread
+    rows reads its rows into shared memory, and writes their softmax or gradient back, as one span
+    in 16-byte words.  It must give the default kernels' bits for the softmax, forward+backward out
+    of place and in place (hard and soft labels, no features and all four), on full and partial
+    blocks, with and without vector loads -- and it must be what ran."""
+    dtypes = sorted({dtype for dtype, _ in STAGED_CASES}, key=lambda d: numpy.dtype(d).itemsize)
+    # the cached rows kernels of the featureless and all-features sets, and the helpers (the label
+    # check before an in-place call gathers the labels' logits)
+    names = [n for dtype in dtypes for n in _kernels.name_expressions(dtype)
+             if harness.library_key(n) in (0, _kernels.ALL_FEATURES)
+             and (n.endswith(', true>') or not n.startswith('cupy_sce_rows'))]
+    staged = _cupy_backend.CupyBackend(harness.HarnessRuntime(_kernels.TUNING_KNOBS['stage short rows'],
+                                                              dtypes=dtypes, names=names))
+    default = Backend('harness')
+    rng = numpy.random.default_rng(11)
+    for dtype, K in STAGED_CASES:
+        for soft, features in ((False, {}), (True, {}), (False, dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0))):
+            x, label = make_case(rng, (300, K), -1, dtype=dtype, soft=soft, ignore_index=1)
+            if features:
+                features = dict(features, weight=(rng.random(K) + 0.5).astype(dtype))
+            kw = dict(soft_label=soft, ignore_index=1, **features)
+
+            def calls():
+                results = {'forward+backward': cupy_sce.forward_backward(x, label, **kw)}
+                if not features:  # Paddle's op has no features
+                    results['softmax'] = cupy_sce.softmax_with_cross_entropy(
+                        x, label, soft_label=soft, ignore_index=1, return_softmax=True)
+                logits = x.copy()
+                loss, grad = cupy_sce.forward_backward(logits, label, inplace=True, **kw)
+                assert grad is logits
+                results['forward+backward in place'] = loss, grad
+                return results
+
+            with default.active():
+                expected = calls()
+            before = len(staged.runtime.launched)
+            with sce_testing.use_backend(staged):
+                got = calls()
+            rows_launched = [n for n in staged.runtime.launched[before:] if n.startswith('cupy_sce_rows')]
+            assert len(rows_launched) == len(expected) and all(n.endswith(', true>') for n in rows_launched)
+            for what in expected:
+                for a, b in zip(expected[what], got[what]):
+                    numpy.testing.assert_array_equal(a, b, err_msg='{} K={} {} soft={} {}'.format(
+                        numpy.dtype(dtype), K, what, soft, sorted(features)))
 
 
 @needs_harness

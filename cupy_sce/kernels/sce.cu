@@ -86,6 +86,14 @@
 #ifndef SCE_LEAN_PASS1
 #define SCE_LEAN_PASS1 0
 #endif
+// Short rows, a thread each (group_size 1, contiguous rows) with the row cache: 1 moves the
+// block's rows between global and shared memory as one contiguous span, the block's threads taking
+// 16-byte words in turn (stage_in / stage_out), and the thread that owns a row works on it in
+// shared memory; 0 lets each thread read and write its own row, so that a warp's access touches
+// 32 rows K elements apart.  The bits are the same either way.
+#ifndef SCE_STAGE_ROWS
+#define SCE_STAGE_ROWS 0
+#endif
 
 // Warp partials (group_allreduce) and, at index 32, the slot a CTA shows the rest of its cluster
 // (cluster_allreduce); the row cache starts after them (at the next multiple of 16 bytes).  _cupy_backend.STATE_SLOTS matches (the
@@ -237,7 +245,7 @@ template <typename T, typename L, int OP, int F, int VEC, bool CACHE_ROW>
 __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
         const T* x, const L* label, const typename Acc<T>::type* weight, long long K, long long inner,
         int group_size, const RowPlace& at, long long lab, int kind, typename Acc<T>::type softcap,
-        Vec<T, VEC>* row_cache) {
+        Vec<T, VEC>* row_cache, bool staged) {
     typedef typename Acc<T>::type A;
     typedef Plan<L, OP, F> P;
     constexpr int UNROLL = unroll<A, VEC, P::softcap, 1>();
@@ -251,7 +259,8 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
         auto load_step = [&](Vec<T, VEC>* dst, long long j0) {
             for (int u = 0; u < UNROLL; ++u) {
                 const long long j = j0 + (long long)u * group_size;
-                if (j < at.seg_end) dst[u] = load_vec<T, VEC>(x_row + j * vec_stride);
+                // staged: the block put the row in the cache already (stage_in)
+                if (j < at.seg_end) dst[u] = staged ? row_cache[j - at.seg_begin] : load_vec<T, VEC>(x_row + j * vec_stride);
             }
         };
         // every load of a step is issued before the first use (one load at a time per thread left
@@ -277,7 +286,7 @@ __device__ __forceinline__ RowState<typename Acc<T>::type> pass1_row_state(
             for (int u = 0; u < UNROLL; ++u) {
                 const long long j = j0 + (long long)u * group_size;
                 if (j >= at.seg_end) continue;
-                if (CACHE_ROW) row_cache[j - at.seg_begin] = v[u];
+                if (CACHE_ROW && !staged) row_cache[j - at.seg_begin] = v[u];
                 for (int e = 0; e < VEC; ++e) {
                     const A y_ue = capped<P::softcap>(to_acc(v[u].v[e]), softcap);
                     if (P::softcap) y_kept[u % KEPT_U][e % KEPT_E] = y_ue;
@@ -467,7 +476,8 @@ template <typename T, typename L, int OP, int F, int VEC, bool CACHE_ROW>
 __device__ __forceinline__ typename Acc<T>::type pass2_elements(
         const T* x, const L* label, const T* softmax_in, T* softmax_out, T* grad_out, long long K,
         long long inner, int group_size, const RowPlace& at, long long lab, int kind,
-        const RowTerms<typename Acc<T>::type>& t, typename Acc<T>::type softcap, const Vec<T, VEC>* row_cache) {
+        const RowTerms<typename Acc<T>::type>& t, typename Acc<T>::type softcap, Vec<T, VEC>* row_cache,
+        bool staged) {
     typedef typename Acc<T>::type A;
     typedef Plan<L, OP, F> P;
     constexpr int UNROLL = unroll<A, VEC, P::softcap, 2>();
@@ -522,12 +532,37 @@ __device__ __forceinline__ typename Acc<T>::type pass2_elements(
                 }
                 gr.v[e] = from_acc<T>(grad);
             }
-            // in place (grad_out == x): this thread loaded chunk j above, before this store
-            if (P::softmax) store_vec<T, VEC>(softmax_out + at.base + j * vec_stride, sm);
-            if (P::grad) store_vec<T, VEC>(grad_out + at.base + j * vec_stride, gr);
+            // in place (grad_out == x): this thread loaded chunk j above, before this store.  Staged:
+            // the chunk goes back where it was read from, and stage_out writes the block's rows
+            if (staged) {
+                if (P::softmax) row_cache[j - at.seg_begin] = sm;
+                if (P::grad) row_cache[j - at.seg_begin] = gr;
+            } else {
+                if (P::softmax) store_vec<T, VEC>(softmax_out + at.base + j * vec_stride, sm);
+                if (P::grad) store_vec<T, VEC>(grad_out + at.base + j * vec_stride, gr);
+            }
         }
     }
     return soft_ce;
+}
+
+// SCE_STAGE_ROWS: `count` elements from src to dst by the whole block (every thread calls), in
+// 16-byte words taken by consecutive threads where both ends are 16-byte aligned (a block of
+// ROWS_BLOCK rows spans a multiple of 16 bytes, so a 16-byte aligned array's spans all are), else
+// element by element.  Global to shared (stage_in) or back (stage_out).
+template <typename T>
+__device__ __forceinline__ void block_copy(T* dst, const T* src, long long count) {
+    typedef Vec<unsigned int, 4> Word;
+    constexpr long long PER_WORD = 16 / sizeof(T);
+    long long done = 0;
+    if (((reinterpret_cast<unsigned long long>(dst) | reinterpret_cast<unsigned long long>(src)) & 15) == 0) {
+        const long long words = count / PER_WORD;
+        for (long long w = threadIdx.x; w < words; w += blockDim.x) {
+            reinterpret_cast<Word*>(dst)[w] = reinterpret_cast<const Word*>(src)[w];
+        }
+        done = words * PER_WORD;
+    }
+    for (long long i = done + threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
 }
 
 // The body of both row kernels.  CLUSTER > 1 (cupy_sce_rows_cluster): a row is split over the
@@ -550,6 +585,20 @@ __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
                         (threadIdx.x / group_size) * at.seg_chunks
                   : nullptr;
 
+    // SCE_STAGE_ROWS: a block of one-thread contiguous rows with the row cache (the cache then
+    // holds the block's rows back to back, as they lie in x) reads them in one sweep (uniform over
+    // the block: it depends on the launch alone)
+    const bool staged = SCE_STAGE_ROWS && CACHE_ROW && CLUSTER == 1 && group_size == 1 && inner == 1;
+    const long long first_row = (long long)blockIdx.x * blockDim.x;
+    const long long staged_count =
+        staged ? (n_rows - first_row < (long long)blockDim.x ? n_rows - first_row : (long long)blockDim.x) * K : 0;
+    T* const staged_rows =
+        CACHE_ROW ? reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(partials) + state_area_bytes<A>()) : nullptr;
+    if (staged) {
+        block_copy(staged_rows, x + first_row * K, staged_count);  // stage_in
+        __syncthreads();
+    }
+
     // step 1: the label
     long long lab = -1;
     const int kind = at.active && P::labels ? hard_label(label, at.row, K, ignore_index, &lab) : LABEL_VALID;
@@ -557,7 +606,7 @@ __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
 
     // step 2: pass 1, merged over the row's threads
     RowState<A> state = pass1_row_state<T, L, OP, F, VEC, CACHE_ROW>(x, label, weight, K, inner, group_size, at,
-                                                                    lab, kind, softcap, row_cache);
+                                                                    lab, kind, softcap, row_cache, staged);
     if (P::state_mask != 0) {
         const MergeRowState<A, P::state_mask> merge;
         state = row_allreduce(state, merge, group_size, at.columns, partials);
@@ -578,7 +627,11 @@ __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
     A soft_ce = A(0);
     if (P::pass2) {
         soft_ce = pass2_elements<T, L, OP, F, VEC, CACHE_ROW>(x, label, softmax_in, softmax_out, grad_out, K, inner,
-                                                             group_size, at, lab, kind, t, softcap, row_cache);
+                                                             group_size, at, lab, kind, t, softcap, row_cache, staged);
+    }
+    if (staged && (P::softmax || P::grad)) {  // stage_out: every row of the block is in the cache
+        __syncthreads();
+        block_copy((P::softmax ? softmax_out : grad_out) + first_row * K, staged_rows, staged_count);
     }
     if (P::soft && P::loss) {  // uniform over the block: every thread joins
         soft_ce = row_allreduce(soft_ce, SumOp<A>(), group_size, at.columns, sce_dynamic_smem<A>());
