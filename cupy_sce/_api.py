@@ -316,10 +316,11 @@ class _Problem:
 
     def reject_bad_labels_before_overwrite(self, backend, out):
         """When the gradient goes into the caller's memory (``out`` given: the logits or another
-        buffer), raise for a bad hard label before anything is written (one extra gather, only
-        with the check on): a bad label must leave every array the caller holds as it was."""
+        buffer), raise for a bad hard label before anything is written (one extra look at the
+        labels, only with the check on): a bad label must leave every array the caller holds as
+        it was."""
         if out is not None and self.check_labels and not self.soft_label:
-            self.check(backend.gather_label_logit(self)[1])
+            self.check(backend.first_bad_label(self))
 
     def raise_bad_label(self, row):
         """Raise the IndexError for the label of canonical row ``row``."""

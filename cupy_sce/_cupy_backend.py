@@ -333,6 +333,11 @@ class CupyBackend:
         self._execute(p, self._simple_plan(p, name, 1), args)
         return out, self._bad_row(bad_buf)
 
+    def first_bad_label(self, p):
+        """The first row with a bad hard label, or None (the check before an in-place call): the
+        gather kernel's range check."""
+        return self.gather_label_logit(p)[1]
+
     def forward_out(self, p, loss, lse, softmax):
         """``loss`` (rows, compute dtype), ``lse`` (may be None), ``softmax`` (None, or only
         without features: Paddle's op)."""

@@ -823,6 +823,20 @@ def gather_label_logit(p):
     return out, _for_each_block(p, body)
 
 
+def first_bad_label(p):
+    """The first canonical row whose hard label is neither in [0, K) nor ignore_index, or None:
+    the check before an in-place call, from the labels alone (two reductions when every label is
+    in range; the logits are not read, as ``gather_label_logit`` would)."""
+    if p.soft_label or p.label.size == 0:
+        return None
+    lo, hi = p.label.min(), p.label.max()
+    if 0 <= lo and hi < p.K:
+        return None
+    label = p.label.reshape(-1)  # (outer, inner): the flat index is the canonical row
+    bad = numpy.flatnonzero(((label < 0) | (label >= p.K)) & (label != p.ignore_index))
+    return int(bad[0]) if bad.size else None
+
+
 def forward_out(p, loss, lse, softmax):
     """Loss rows (compute dtype), and lse and the softmax when those buffers are given (the
     softmax only without features: Paddle's op)."""

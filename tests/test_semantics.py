@@ -279,6 +279,36 @@ def test_in_place_with_bad_label_leaves_logits_untouched(backend):
     numpy.testing.assert_array_equal(backend.to_numpy(logits), x)
 
 
+@pytest.mark.parametrize('label_dtype', [numpy.int32, numpy.int64, numpy.uint8])
+@pytest.mark.parametrize('axis', [-1, 0])
+def test_in_place_label_check_names_the_first_bad_row(backend, label_dtype, axis):
+    """The check before an in-place call (labels only): an ignore_index outside [0, K) is not bad,
+    labels past K (and below 0) are, the error names the first of them in row order, and nothing
+    is written, through ``inplace=True`` and ``backward(out=logits)`` alike."""
+    rng = numpy.random.default_rng(14)
+    x = rng.standard_normal((5, 6)).astype(numpy.float32)
+    x = x if axis == -1 else numpy.ascontiguousarray(x.T)
+    label = numpy.array([1, 200, 6, 0, 7], label_dtype)  # 200: ignore_index; rows 2 and 4 bad
+    label = label[:, None] if axis == -1 else label[None, :]
+    logits = backend.asarray(x.copy())
+    with backend.active():
+        with pytest.raises(IndexError, match=r'label value 6 at position \({}\)'.format('2, 0' if axis == -1 else '0, 2')):
+            cupy_sce.forward_backward(logits, backend.asarray(label), ignore_index=200, axis=axis, inplace=True)
+        ok = label.copy()
+        ok[ok == 6] = 200  # only row 4 (label 7) left bad
+        with pytest.raises(IndexError, match='label value 7'):
+            cupy_sce.forward_backward(logits, backend.asarray(ok), ignore_index=200, axis=axis, inplace=True)
+        good = ok.copy()
+        good[good == 7] = 3
+        lse = cupy_sce.logsumexp(logits, axis=axis)
+        with pytest.raises(IndexError, match='label value 7'):
+            cupy_sce.backward(None, logits, lse, backend.asarray(ok), ignore_index=200, axis=axis, out=logits)
+    numpy.testing.assert_array_equal(backend.to_numpy(logits), x)
+    with backend.active():  # and with every label good or ignored, the call goes through
+        cupy_sce.forward_backward(logits, backend.asarray(good), ignore_index=200, axis=axis, inplace=True)
+    assert not numpy.array_equal(backend.to_numpy(logits), x)
+
+
 # ---------------------------------------------------------------- building blocks
 
 def test_building_blocks(backend):
