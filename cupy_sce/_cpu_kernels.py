@@ -26,7 +26,6 @@ import numba
 import numpy
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
 
@@ -83,9 +82,11 @@ def _prefer_wide_vectors(typingctx):
     gets 256-bit vectors.  Every function with a hot loop calls this (LLVM may inline one into
     another, and the loop then takes its caller's preference)."""
     def codegen(context, builder, sig, args):
-        # llvmlite's FunctionAttributes accepts only its list of names; a string attribute is written
-        # into the IR as it is
-        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        # llvmlite's FunctionAttributes accepts only its list of names, and writes each into the IR
+        # as it is: a string attribute goes in past the check (a set's own add).  Only a hint: an
+        # llvmlite that stores attributes otherwise gets none.
+        if isinstance(builder.function.attributes, set):
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
         return context.get_dummy_value()
     return types.void(), codegen
 
@@ -98,8 +99,10 @@ def _prefetch_to_l2(typingctx, values, index):
         array = context.make_array(sig.args[0])(context, builder, args[0])
         address = builder.gep(array.data, [args[1]])
         i32 = ir.IntType(32)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]), 'llvm.prefetch.p0')
+        # declare_intrinsic mangles the name for the pointer type (llvm.prefetch.p0 with opaque
+        # pointers, llvm.prefetch.p0f32 with the typed pointers of older LLVMs)
+        prefetch = builder.module.declare_intrinsic(
+            'llvm.prefetch', [address.type], ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]))
         builder.call(prefetch, [address, i32(0), i32(2), i32(1)])
         return context.get_dummy_value()
     return types.void(values, types.intp), codegen
@@ -350,7 +353,9 @@ def _exp_sum_others(row, shift, label, exp_out):
     the label's term.  A confident row's loss is the others' small sum, which a subtraction from
     a total near 1 would leave with few digits: there the label's term is left out, not subtracted
     (see ``_numpy_backend._label_sums``), summing the other terms again from ``exp_out``, before
-    and after the label (additions only).  A NaN total takes that branch too and stays NaN."""
+    and after the label (additions only).  A NaN total takes that branch too (NaN compares false):
+    a NaN among the other terms keeps the sum NaN, and one in the label's term reaches the results
+    through that term and the label's logit."""
     _prefer_wide_vectors()
     total = _exp_sum(row, shift, exp_out)
     label_exp = exp_out[label]

@@ -173,6 +173,7 @@ TUNING_KNOBS = {
     'unroll 8': ('-DSCE_UNROLL=8',),    # 8 loads of 16 bytes in flight per thread, not 4
     'lean pass 1': ('-DSCE_LEAN_PASS1=1',),  # the label tested per chunk, a partial sum per chunk
     'stage short rows': ('-DSCE_STAGE_ROWS=1',),  # one-thread rows move through shared memory as one span
+    'bulk copy': ('-DSCE_BULK_STAGE=1',),  # the row cache filled by the bulk copy engine (TMA, sm_90)
 }
 
 

@@ -1,4 +1,5 @@
-"""Recycled host memory for the NumPy backend's large outputs (the gradient, the softmax).
+"""Recycled host memory for the NumPy backend's large outputs (the gradient, the softmax; the loss
+and lse rows of 262,144 rows and more).
 
 A fresh multi-MiB NumPy array is fresh pages from the kernel: each is faulted in and zeroed when
 the kernel first writes it, then read for ownership.  For the fused forward+backward at
@@ -11,10 +12,11 @@ size, as CuPy's memory pool does on the GPU and as this backend already does for
 How an output comes back: it is a view of a ``_Block``, an object that owns a raw buffer and
 exposes it through ``__array_interface__``; NumPy keeps that object as the array's base, so it
 lives exactly as long as the output or any view of it.  Its ``__del__`` returns the buffer to the
-cache.  The cache never holds more than ``get_output_cache_limit()`` bytes (the oldest buffers go
-first); buffers come back only by exact byte size; outputs below ``MIN_BYTES`` are plain arrays
-(malloc already recycles those); ``release_scratch()`` empties the cache and
-``set_output_cache_limit(0)`` turns it off.
+cache.  The cache holds at most ``get_output_cache_limit()`` bytes (the oldest buffers go first;
+a buffer that arrives while the lock is taken waits, uncounted, until the next call); buffers
+come back only by exact byte size; outputs below ``MIN_BYTES`` are plain arrays (malloc already
+recycles those); ``release_scratch()`` empties the cache and ``set_output_cache_limit(0)`` turns
+it off.  An output is a view (``owndata`` is False, ``resize()`` refuses), like a reshaped array.
 
 ``__del__`` can run anywhere, inside the garbage collector too, possibly in a thread that holds
 the cache's lock already: it never waits for the lock, and a buffer that arrives while the lock
@@ -82,11 +84,16 @@ def _keep(raw):
         _free_bytes -= oldest.nbytes
 
 
+def _drain():
+    """Take in the buffers that waited in ``_arrived`` (under _lock)."""
+    while _arrived:
+        _keep(_arrived.popleft())
+
+
 def _take(nbytes):
     """A cached buffer of exactly ``nbytes`` (the most recently returned), or None (under _lock)."""
     global _free_bytes
-    while _arrived:
-        _keep(_arrived.popleft())
+    _drain()
     for key in reversed(_free):
         raw = _free[key]
         if raw.nbytes == nbytes:
@@ -110,6 +117,9 @@ def empty(shape, dtype):
     for extent in shape:
         nbytes *= extent
     if nbytes < MIN_BYTES or nbytes > _current_limit():
+        if _arrived:  # buffers that found the lock taken: kept or dropped now, not left waiting
+            with _lock:
+                _drain()
         return numpy.empty(shape, dtype)
     with _lock:
         raw = _take(nbytes)
@@ -121,8 +131,7 @@ def empty(shape, dtype):
 def cached_bytes():
     """Bytes the cache holds now (buffers of dropped outputs waiting to be reused)."""
     with _lock:
-        while _arrived:
-            _keep(_arrived.popleft())
+        _drain()
         return _free_bytes
 
 
@@ -143,9 +152,10 @@ def get_output_cache_limit():
 def set_output_cache_limit(nbytes):
     """Set how many bytes of dropped outputs the NumPy backend keeps for reuse.
 
-    The gradient and softmax outputs of at least 1 MiB come from this cache: when the caller drops
-    such an output, its memory is kept, up to ``nbytes`` in all, for the next output of the same
-    size, so that a training loop does not pay fresh pages every step.  ``0`` turns the cache
+    Outputs of at least 1 MiB (the gradient, the softmax; the loss and lse of many rows) come from
+    this cache: when the caller drops such an output, its memory is kept, up to ``nbytes`` in all,
+    for the next output of the same size, so that a training loop does not pay fresh pages every
+    step.  ``0`` turns the cache
     off (every output is a plain ``numpy.empty``); ``None`` restores the default (1 GiB, or an
     eighth of the machine's memory where that is less).  Lowering the limit drops the oldest
     cached buffers at once; ``release_scratch()`` drops all of them.
@@ -157,8 +167,7 @@ def set_output_cache_limit(nbytes):
         raise ValueError('nbytes must be an int >= 0 or None, got {!r}'.format(nbytes))
     with _lock:
         _limit = _default_limit() if nbytes is None else nbytes
-        while _arrived:
-            _keep(_arrived.popleft())
+        _drain()
         while _free_bytes > _limit:
             _, oldest = _free.popitem(last=False)
             _free_bytes -= oldest.nbytes

@@ -30,6 +30,8 @@ VARIANTS = [
     ('clusters', (), {(_cupy_backend, 'USE_CLUSTERS'): True}),
 ] + [(knob, options, {}) for knob, options in _kernels.TUNING_KNOBS.items()] + [
     ('clusters x 512', (), {(_cupy_backend, 'USE_CLUSTERS'): True, (_cupy_backend, 'CLUSTER_BLOCK'): 512}),
+    # a long row's segments cached across a cluster, each filled by the bulk copy engine
+    ('clusters + bulk copy', _kernels.TUNING_KNOBS['bulk copy'], {(_cupy_backend, 'USE_CLUSTERS'): True}),
     # one CTA of 1024 threads per row, caching rows up to the opt-in maximum (K = 32000 float32)
     ('row cache 227 KiB x 1024', (), {(_cupy_backend, 'SHARED_LIMIT'): 227 * 1024,
                                       (_cupy_backend, 'GROUP_TABLE'): ((512, None), (1024, 32), (float('inf'), 1024))}),

@@ -350,11 +350,12 @@ def run_cluster_cases(backend, rng, monkeypatch, launched):
 
 def tuned_kernels(dtype):
     """The kernels scripts/tune_gpu.py times with its knobs: the featureless rows kernels of the
-    forward and the fused forward+backward (every label type, vector width and row cache)."""
+    forward and the fused forward+backward (every label type, vector width and row cache, and their
+    cluster forms: 'clusters + bulk copy')."""
     from cupy_sce import _kernels
     timed = (_kernels.OPS['forward'], _kernels.OPS['forward_backward'])
     return tuple(n for n in _kernels.name_expressions(dtype)
-                 if n.startswith('cupy_sce_rows<') and _kernels.module_key(n) in [(op, 0) for op in timed])
+                 if n.startswith('cupy_sce_rows') and _kernels.module_key(n) in [(op, 0) for op in timed])
 
 def traced_peak(fn):
     """``(result, extra)``: ``fn()``'s result and the peak bytes NumPy allocated during it beyond what

@@ -12,8 +12,8 @@ import cupy_sce
 from cupy_sce import _cupy_backend, _kernels
 from cupy_sce import testing as sce_testing
 from cupy_sce.testing import harness
-from helpers import (BFLOAT16, DTYPES, HALF_DTYPES, Backend, assert_all_outputs, check_features, make_case,
-                     run_cluster_cases, tuned_kernels)
+from helpers import (BFLOAT16, DTYPES, HALF_DTYPES, SEGMENT_BYTES, Backend, assert_all_outputs, check_features,
+                     cluster_cases, make_case, run_cluster_cases, tuned_kernels)
 from reference import reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -100,6 +100,9 @@ def test_nvrtc_compiles_every_tuning_knob(dtype, knob):
     assert 'cupy_sce_rows' in ptx and ptx != _ptx(dtype, names=names)
     if knob == 'exp2 ftz':
         assert 'ex2.approx.ftz.f32' in ptx
+    if knob == 'bulk copy':  # the bulk copy engine and its mbarrier on sm_90; ptxas assembles them
+        assert 'cp.async.bulk.shared::cluster.global' in ptx and 'mbarrier.try_wait' in ptx
+        assert _kernels.nvrtc_compile(dtype, 'sm_90', _kernels.TUNING_KNOBS[knob], names=names)
 
 
 # Register tests: ptxas on the featureless kernels and on every label type with all features (a
@@ -381,59 +384,91 @@ def test_misaligned_buffers_are_staged_for_vector_loads(dtype):
     numpy.testing.assert_array_equal(shifted, aligned[1])
 
 
-# Short rows a thread each with the row cache (group_size 1; the block's 256 rows within the 48 KiB
-# SHARED_LIMIT): float32 K = 10 and 7 (scalar loads), 32 (16-byte vectors); float16 K = 64;
-# float64 K = 6; 300 rows: a block of 256 and a partial one.
-STAGED_CASES = [(numpy.float32, 10), (numpy.float32, 7), (numpy.float32, 32), (numpy.float16, 64),
-                (numpy.float64, 6)]
+# Cached launches the staging knobs change.  Short rows a thread each (group_size 1; the block's
+# 256 rows within the 48 KiB SHARED_LIMIT), 301 rows (a block of 256 and a partial one of 45, whose
+# span is no whole number of 16-byte words: block_copy's element tail runs): float32
+# K = 10 and 7 (scalar loads), 32 (16-byte vectors); float16 K = 64; float64 K = 6.  A block per
+# row (SCE_BULK_STAGE only; 3 rows): float32 K = 5000 (16-byte vectors) and 4099 (scalar loads:
+# the rows start 16-byte aligned one time in four, so the bulk copy and the threads' copy both
+# run), float16 K = 9000, float64 K = 3000.
+STAGED_SHORT = [(numpy.float32, 10, 301), (numpy.float32, 7, 301), (numpy.float32, 32, 301),
+                (numpy.float16, 64, 301), (numpy.float64, 6, 301)]
+STAGED_LONG = [(numpy.float32, 5000, 3), (numpy.float32, 4099, 3), (numpy.float16, 9000, 3),
+               (numpy.float64, 3000, 3)]
+STAGING_KNOBS = {'stage short rows': STAGED_SHORT, 'bulk copy': STAGED_SHORT + STAGED_LONG}
+
+
+def _staging_calls(x, label, soft, features):
+    """The calls a staged launch serves: forward+backward out of place and in place, and (without
+    features: Paddle's op has none) the softmax."""
+    kw = dict(soft_label=soft, ignore_index=1, **features)
+    results = {'forward+backward': cupy_sce.forward_backward(x, label, **kw)}
+    if not features:
+        results['softmax'] = cupy_sce.softmax_with_cross_entropy(x, label, soft_label=soft, ignore_index=1,
+                                                                 return_softmax=True)
+    logits = x.copy()
+    loss, grad = cupy_sce.forward_backward(logits, label, inplace=True, **kw)
+    assert grad is logits
+    results['forward+backward in place'] = loss, grad
+    return results
+
+
+def _knob_backend(knob, dtypes):
+    """The CuPy backend on a harness built with ``knob``: the cached rows kernels (and the cluster
+    kernels) of the featureless and all-features sets, and the helpers (the label check before an
+    in-place call gathers the labels' logits)."""
+    names = [n for dtype in dtypes for n in _kernels.name_expressions(dtype)
+             if harness.library_key(n) in (0, _kernels.ALL_FEATURES) and not n.endswith(', false>')]
+    return _cupy_backend.CupyBackend(harness.HarnessRuntime(_kernels.TUNING_KNOBS[knob], dtypes=dtypes, names=names))
 
 
 @needs_harness
-def test_staged_short_rows_give_the_default_bits():
-    """The tuning knob SCE_STAGE_ROWS (tune_gpu.py's 'stage short rows'): a block of one-thread
-    rows reads its rows into shared memory, and writes their softmax or gradient back, as one span
-    in 16-byte words.  It must give the default kernels' bits for the softmax, forward+backward out
-    of place and in place (hard and soft labels, no features and all four), on full and partial
-    blocks, with and without vector loads -- and it must be what ran."""
-    dtypes = sorted({dtype for dtype, _ in STAGED_CASES}, key=lambda d: numpy.dtype(d).itemsize)
-    # the cached rows kernels of the featureless and all-features sets, and the helpers (the label
-    # check before an in-place call gathers the labels' logits)
-    names = [n for dtype in dtypes for n in _kernels.name_expressions(dtype)
-             if harness.library_key(n) in (0, _kernels.ALL_FEATURES)
-             and (n.endswith(', true>') or not n.startswith('cupy_sce_rows'))]
-    staged = _cupy_backend.CupyBackend(harness.HarnessRuntime(_kernels.TUNING_KNOBS['stage short rows'],
-                                                              dtypes=dtypes, names=names))
+@pytest.mark.parametrize('knob', sorted(STAGING_KNOBS))
+def test_staging_knobs_give_the_default_bits(knob, monkeypatch):
+    """The tuning knobs that fill the row cache before pass 1 (tune_gpu.py): SCE_STAGE_ROWS (a block
+    of one-thread rows reads its rows, and writes their softmax or gradient back, as one span in
+    16-byte words) and SCE_BULK_STAGE (every cached launch, and a cluster CTA's segment, filled by
+    the bulk copy engine; on the harness a copy at once).  Each must give the default kernels'
+    bits -- the softmax, forward+backward out of place and in place, hard and soft labels, no
+    features and all four, full and partial blocks, with and without 16-byte loads, and (bulk copy)
+    rows split over clusters -- and must be what ran."""
+    dtypes = [numpy.float16, numpy.float32, numpy.float64]
+    staged = _knob_backend(knob, dtypes)
     default = Backend('harness')
     rng = numpy.random.default_rng(11)
-    for dtype, K in STAGED_CASES:
+
+    def compare(x, label, soft, features, what_ran):
+        with default.active():
+            expected = _staging_calls(x, label, soft, features)
+        before = len(staged.runtime.launched)
+        with sce_testing.use_backend(staged):
+            got = _staging_calls(x, label, soft, features)
+        rows_launched = [n for n in staged.runtime.launched[before:] if n.startswith('cupy_sce_rows')]
+        assert len(rows_launched) == len(expected) and all(what_ran(n) for n in rows_launched), rows_launched
+        for what in expected:
+            for a, b in zip(expected[what], got[what]):
+                numpy.testing.assert_array_equal(a, b, err_msg='{} K={} {} soft={} {}'.format(
+                    x.dtype, x.shape[-1], what, soft, sorted(features)))
+
+    for dtype, K, n in STAGING_KNOBS[knob]:
+        if n > 256:  # the short rows are one-thread rows (what SCE_STAGE_ROWS stages)
+            assert _cupy_backend.group_size_for(K, 1, _kernels.vector_width(dtype) if K % _kernels.vector_width(dtype) == 0 else 1) == 1
         for soft, features in ((False, {}), (True, {}), (False, dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0))):
-            x, label = make_case(rng, (300, K), -1, dtype=dtype, soft=soft, ignore_index=1)
+            x, label = make_case(rng, (n, K), -1, dtype=dtype, soft=soft, ignore_index=1)
             if features:
                 features = dict(features, weight=(rng.random(K) + 0.5).astype(dtype))
-            kw = dict(soft_label=soft, ignore_index=1, **features)
-
-            def calls():
-                results = {'forward+backward': cupy_sce.forward_backward(x, label, **kw)}
-                if not features:  # Paddle's op has no features
-                    results['softmax'] = cupy_sce.softmax_with_cross_entropy(
-                        x, label, soft_label=soft, ignore_index=1, return_softmax=True)
-                logits = x.copy()
-                loss, grad = cupy_sce.forward_backward(logits, label, inplace=True, **kw)
-                assert grad is logits
-                results['forward+backward in place'] = loss, grad
-                return results
-
-            with default.active():
-                expected = calls()
-            before = len(staged.runtime.launched)
-            with sce_testing.use_backend(staged):
-                got = calls()
-            rows_launched = [n for n in staged.runtime.launched[before:] if n.startswith('cupy_sce_rows')]
-            assert len(rows_launched) == len(expected) and all(n.endswith(', true>') for n in rows_launched)
-            for what in expected:
-                for a, b in zip(expected[what], got[what]):
-                    numpy.testing.assert_array_equal(a, b, err_msg='{} K={} {} soft={} {}'.format(
-                        numpy.dtype(dtype), K, what, soft, sorted(features)))
+            compare(x, label, soft, features, lambda name: name.endswith(', true>'))
+    if knob == 'bulk copy':  # rows split over clusters (shrunken limits, as run_cluster_cases)
+        monkeypatch.setattr(_cupy_backend, 'USE_CLUSTERS', True)
+        monkeypatch.setattr(_cupy_backend, 'GROUP_TABLE', ((float('inf'), 64),))
+        monkeypatch.setattr(_cupy_backend, 'CLUSTER_BLOCK', 64)
+        for dtype in dtypes:
+            limit = _cupy_backend.state_area_bytes(dtype) + SEGMENT_BYTES
+            monkeypatch.setattr(_cupy_backend, 'SHARED_LIMIT', limit)
+            monkeypatch.setattr(_cupy_backend, 'CLUSTER_SEGMENT_LIMIT', limit)
+            for K, cluster in cluster_cases(dtype):
+                x, label = make_case(rng, (2, K), -1, dtype=dtype, ignore_index=1)
+                compare(x, label, False, {}, lambda name, c=cluster: _kernels.cluster_size(name) == c)
 
 
 @needs_harness

@@ -55,8 +55,8 @@ MUTANTS = {
         'sce_common.cuh', '        __syncthreads();  // warp_partials is reused by the next reduction\n',
         '', 0, False, PROBE),
     'wrong stride in pass 1': (
-        'sce.cu', 'dst[u] = load_vec<T, VEC>(x_row + j * vec_stride);',
-        'dst[u] = load_vec<T, VEC>(x_row + j * VEC);', 0, False, PROBE),
+        'sce.cu', ': load_vec<T, VEC>(x_row + j * vec_stride);',
+        ': load_vec<T, VEC>(x_row + j * VEC);', 0, False, PROBE),
     'wrong stride in the row base': (
         'sce_common.cuh', 'return (row / inner) * K * inner + row % inner;',
         'return (row / inner) * K + row % inner;', 0, False, PROBE),

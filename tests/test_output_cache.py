@@ -147,10 +147,14 @@ def test_the_cache_keeps_to_its_limit_and_release_scratch_empties_it(numpy_backe
 def test_a_failed_call_returns_its_output_buffer(numpy_backend):
     x, label = _problem(0, 1)
     label[5, 0] = 4100  # out of range: the call raises after taking its gradient buffer
-    with pytest.raises(IndexError, match='label'):
+    try:  # not pytest.raises: its traceback would keep the call's frames, and the buffer, alive
         _call(numpy_backend, 'gradient', x, label)
+    except IndexError:
+        pass
+    else:
+        pytest.fail('a bad label did not raise')
     gc.collect()
-    assert _output_cache.cached_bytes() in (0, 64 * 4100 * 4)  # kept for reuse or never taken
+    assert _output_cache.cached_bytes() == 64 * 4100 * 4  # back in the cache, not leaked
     ok = _call(numpy_backend, 'gradient', *_problem(0, 2))
     assert ok.tobytes() == _fresh(numpy_backend, 'gradient', *_problem(0, 2)).tobytes()
 

@@ -94,6 +94,14 @@
 #ifndef SCE_STAGE_ROWS
 #define SCE_STAGE_ROWS 0
 #endif
+// Every cached launch of contiguous rows (the row cache of a block's rows, or a cluster CTA's
+// segment of its row): 1 has the bulk copy engine (sm_90's TMA, cp.async.bulk) fill the cache
+// before pass 1, which then reads it from there, and the threads issue no loads of their own;
+// 0 lets pass 1 load 16 bytes at a time per thread and keep what it loaded.  The bits are the
+// same either way.
+#ifndef SCE_BULK_STAGE
+#define SCE_BULK_STAGE 0
+#endif
 
 // Warp partials (group_allreduce) and, at index 32, the slot a CTA shows the rest of its cluster
 // (cluster_allreduce); the row cache starts after them (at the next multiple of 16 bytes).  _cupy_backend.STATE_SLOTS matches (the
@@ -477,7 +485,7 @@ __device__ __forceinline__ typename Acc<T>::type pass2_elements(
         const T* x, const L* label, const T* softmax_in, T* softmax_out, T* grad_out, long long K,
         long long inner, int group_size, const RowPlace& at, long long lab, int kind,
         const RowTerms<typename Acc<T>::type>& t, typename Acc<T>::type softcap, Vec<T, VEC>* row_cache,
-        bool staged) {
+        bool stage_out) {
     typedef typename Acc<T>::type A;
     typedef Plan<L, OP, F> P;
     constexpr int UNROLL = unroll<A, VEC, P::softcap, 2>();
@@ -532,9 +540,9 @@ __device__ __forceinline__ typename Acc<T>::type pass2_elements(
                 }
                 gr.v[e] = from_acc<T>(grad);
             }
-            // in place (grad_out == x): this thread loaded chunk j above, before this store.  Staged:
-            // the chunk goes back where it was read from, and stage_out writes the block's rows
-            if (staged) {
+            // in place (grad_out == x): this thread loaded chunk j above, before this store.
+            // stage_out: the chunk goes back where it was read from, and rows() writes the block's rows
+            if (stage_out) {
                 if (P::softmax) row_cache[j - at.seg_begin] = sm;
                 if (P::grad) row_cache[j - at.seg_begin] = gr;
             } else {
@@ -546,10 +554,10 @@ __device__ __forceinline__ typename Acc<T>::type pass2_elements(
     return soft_ce;
 }
 
-// SCE_STAGE_ROWS: `count` elements from src to dst by the whole block (every thread calls), in
-// 16-byte words taken by consecutive threads where both ends are 16-byte aligned (a block of
-// ROWS_BLOCK rows spans a multiple of 16 bytes, so a 16-byte aligned array's spans all are), else
-// element by element.  Global to shared (stage_in) or back (stage_out).
+// Staging (SCE_STAGE_ROWS, SCE_BULK_STAGE): `count` elements from src to dst by the whole block
+// (every thread calls), in 16-byte words taken by consecutive threads where both ends are 16-byte
+// aligned (a block of ROWS_BLOCK rows spans a multiple of 16 bytes, so a 16-byte aligned array's
+// spans all are), else element by element.  Global to shared or back.
 template <typename T>
 __device__ __forceinline__ void block_copy(T* dst, const T* src, long long count) {
     typedef Vec<unsigned int, 4> Word;
@@ -563,6 +571,24 @@ __device__ __forceinline__ void block_copy(T* dst, const T* src, long long count
         done = words * PER_WORD;
     }
     for (long long i = done + threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
+}
+
+// The row cache's contents from global memory before pass 1: by the bulk copy engine under
+// SCE_BULK_STAGE where both ends are 16-byte aligned (the tail of fewer than 16 bytes by the
+// threads), else by the threads (block_copy).  The caller synchronizes the block afterwards.
+// `slot`: 8 bytes of dynamic shared memory for the bulk copy's mbarrier (the warp partials' first
+// slot: the reductions use it only after pass 1).
+template <typename T>
+__device__ __forceinline__ void stage_in(T* dst, const T* src, long long count, unsigned long long* slot) {
+    if (SCE_BULK_STAGE &&
+        ((reinterpret_cast<unsigned long long>(dst) | reinterpret_cast<unsigned long long>(src)) & 15) == 0) {
+        const long long bulk = count * (long long)sizeof(T) / 16 * 16;
+        bulk_copy_to_shared(dst, src, bulk, slot);
+        const long long done = bulk / (long long)sizeof(T);
+        for (long long i = done + threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
+    } else {
+        block_copy(dst, src, count);
+    }
 }
 
 // The body of both row kernels.  CLUSTER > 1 (cupy_sce_rows_cluster): a row is split over the
@@ -585,17 +611,28 @@ __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
                         (threadIdx.x / group_size) * at.seg_chunks
                   : nullptr;
 
-    // SCE_STAGE_ROWS: a block of one-thread contiguous rows with the row cache (the cache then
-    // holds the block's rows back to back, as they lie in x) reads them in one sweep (uniform over
-    // the block: it depends on the launch alone)
-    const bool staged = SCE_STAGE_ROWS && CACHE_ROW && CLUSTER == 1 && group_size == 1 && inner == 1;
-    const long long first_row = (long long)blockIdx.x * blockDim.x;
-    const long long staged_count =
-        staged ? (n_rows - first_row < (long long)blockDim.x ? n_rows - first_row : (long long)blockDim.x) * K : 0;
+    // Staging (tuning knobs): the cache's rows -- the block's rows back to back, as they lie in x,
+    // or a cluster CTA's segment of its row -- are read in one sweep before pass 1, which then
+    // takes them from the cache (uniform over the block: it depends on the launch alone).
+    // SCE_STAGE_ROWS stages one-thread rows, by the block's threads, and writes their softmax or
+    // gradient back the same way (stage_out); SCE_BULK_STAGE stages every cached launch of
+    // contiguous rows by the bulk copy engine.
+    const bool stage_out = SCE_STAGE_ROWS && CACHE_ROW && CLUSTER == 1 && group_size == 1 && inner == 1;
+    const bool staged = stage_out || (SCE_BULK_STAGE && CACHE_ROW && inner == 1);
+    long long stage_first = 0, stage_count = 0;  // the elements of x staged: [first, first + count)
+    if (staged && CLUSTER > 1) {
+        stage_first = at.base + at.seg_begin * VEC;
+        stage_count = (at.seg_end - at.seg_begin) * VEC;
+    } else if (staged) {
+        const long long rows_per_block = blockDim.x / group_size;
+        const long long first_row = (long long)blockIdx.x * rows_per_block;
+        stage_first = first_row * K;
+        stage_count = (n_rows - first_row < rows_per_block ? n_rows - first_row : rows_per_block) * K;
+    }
     T* const staged_rows =
         CACHE_ROW ? reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(partials) + state_area_bytes<A>()) : nullptr;
     if (staged) {
-        block_copy(staged_rows, x + first_row * K, staged_count);  // stage_in
+        stage_in(staged_rows, x + stage_first, stage_count, reinterpret_cast<unsigned long long*>(partials));
         __syncthreads();
     }
 
@@ -627,11 +664,12 @@ __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
     A soft_ce = A(0);
     if (P::pass2) {
         soft_ce = pass2_elements<T, L, OP, F, VEC, CACHE_ROW>(x, label, softmax_in, softmax_out, grad_out, K, inner,
-                                                             group_size, at, lab, kind, t, softcap, row_cache, staged);
+                                                             group_size, at, lab, kind, t, softcap, row_cache,
+                                                             stage_out);
     }
-    if (staged && (P::softmax || P::grad)) {  // stage_out: every row of the block is in the cache
+    if (stage_out && (P::softmax || P::grad)) {  // every row of the block is in the cache
         __syncthreads();
-        block_copy((P::softmax ? softmax_out : grad_out) + first_row * K, staged_rows, staged_count);
+        block_copy((P::softmax ? softmax_out : grad_out) + stage_first, staged_rows, stage_count);
     }
     if (P::soft && P::loss) {  // uniform over the block: every thread joins
         soft_ce = row_allreduce(soft_ce, SumOp<A>(), group_size, at.columns, sce_dynamic_smem<A>());

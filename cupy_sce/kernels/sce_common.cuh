@@ -351,4 +351,72 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
     *reinterpret_cast<Vec<T, VEC>*>(p) = v;
 }
 
+// ---------------------------------------------------------------- bulk copies (sm_90)
+
+// The 32-bit shared-state-space address of a pointer into this CTA's shared memory.
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+#if !defined(SCE_HOST_SHIM) && __CUDA_ARCH__ >= 900
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+#else
+    return static_cast<unsigned>(reinterpret_cast<unsigned long long>(p));  // unused
+#endif
+}
+
+// `bytes` (a multiple of 16) from global memory at `src` to this CTA's shared memory at `dst`
+// (both 16-byte aligned) by the bulk copy engine (TMA, cp.async.bulk): the whole block calls,
+// thread 0 issues the copies and every thread returns once the bytes have landed (an mbarrier
+// whose transaction count is the byte count; at most 2^20 - 1 bytes, more than a CTA's shared
+// memory).  The issuing thread is free while the engine moves the row, and the loads in flight
+// are the engine's, not 16 bytes per thread.  `slot`: 8 bytes of this CTA's dynamic shared
+// memory (8-byte aligned) for the mbarrier, invalidated before this returns, so that the caller
+// may use them again (no static shared memory: a launch may take the whole opt-in maximum).
+// Before sm_90 (compute_80 builds): the block's threads copy 16-byte words.  The host harness
+// copies at once.
+__device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, long long bytes,
+                                                    unsigned long long* slot) {
+#if defined(SCE_HOST_SHIM)
+    (void)slot;
+    if (threadIdx.x == 0) memcpy(dst, src, (size_t)bytes);
+    __syncthreads();
+#elif __CUDA_ARCH__ >= 900
+    constexpr long long PIECE = 1 << 16;  // bytes per cp.async.bulk (its size operand is 32-bit)
+    const unsigned barrier = shared_address(slot);
+    if (threadIdx.x == 0) {
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(barrier) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // visible to the engine
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(barrier), "r"((unsigned)bytes)
+                     : "memory");
+        for (long long done = 0; done < bytes; done += PIECE) {
+            const unsigned piece = (unsigned)(bytes - done < PIECE ? bytes - done : PIECE);
+            asm volatile(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                    shared_address(static_cast<char*>(dst) + done)),
+                "l"(static_cast<const char*>(src) + done), "r"(piece), "r"(barrier)
+                : "memory");
+        }
+    }
+    unsigned ready = 0;
+    while (!ready) {  // phase 0 completes when the arrival and every byte are in
+        asm volatile(
+            "{\n\t.reg .pred done;\n\tmbarrier.try_wait.parity.shared::cta.b64 done, [%1], 0;\n\t"
+            "selp.u32 %0, 1, 0, done;\n\t}"
+            : "=r"(ready)
+            : "r"(barrier)
+            : "memory");
+    }
+    __syncthreads();  // every thread has seen the phase complete
+    if (threadIdx.x == 0) asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(barrier) : "memory");
+#else
+    (void)slot;
+    typedef Vec<unsigned int, 4> Word;
+    for (long long w = threadIdx.x; w < bytes / 16; w += blockDim.x) {
+        reinterpret_cast<Word*>(dst)[w] = reinterpret_cast<const Word*>(src)[w];
+    }
+    __syncthreads();
+#endif
+}
+
 }  // namespace sce
