@@ -413,18 +413,38 @@ def _staging_calls(x, label, soft, features):
     return results
 
 
+STAGING_DTYPES = [numpy.float16, numpy.float32, numpy.float64]
+
+
+def _knob_names(dtypes):
+    """The kernels the staging test launches: the cached rows kernels (and the cluster kernels) of
+    the featureless and all-features sets, and the helpers (the label check before an in-place
+    call gathers the labels' logits)."""
+    return [n for dtype in dtypes for n in _kernels.name_expressions(dtype)
+            if harness.library_key(n) in (0, _kernels.ALL_FEATURES) and not n.endswith(', false>')]
+
+
 def _knob_backend(knob, dtypes):
-    """The CuPy backend on a harness built with ``knob``: the cached rows kernels (and the cluster
-    kernels) of the featureless and all-features sets, and the helpers (the label check before an
-    in-place call gathers the labels' logits)."""
-    names = [n for dtype in dtypes for n in _kernels.name_expressions(dtype)
-             if harness.library_key(n) in (0, _kernels.ALL_FEATURES) and not n.endswith(', false>')]
-    return _cupy_backend.CupyBackend(harness.HarnessRuntime(_kernels.TUNING_KNOBS[knob], dtypes=dtypes, names=names))
+    return _cupy_backend.CupyBackend(harness.HarnessRuntime(_kernels.TUNING_KNOBS[knob], dtypes=dtypes,
+                                                            names=_knob_names(dtypes)))
+
+
+@pytest.fixture(scope='module')
+def staging_libraries():
+    """Build the staging knobs' harness libraries (two feature sets each) on every core at once, as
+    HarnessRuntime would build them one at a time when first launched (the same names, so the same
+    cached files)."""
+    import concurrent.futures
+    names = set(_knob_names(STAGING_DTYPES))
+    jobs = [(key, [n for n in harness.library_names(key, STAGING_DTYPES) if n in names], _kernels.TUNING_KNOBS[knob])
+            for knob in STAGING_KNOBS for key in (0, _kernels.ALL_FEATURES)]
+    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        list(pool.map(lambda job: harness.library(*job), jobs))
 
 
 @needs_harness
 @pytest.mark.parametrize('knob', sorted(STAGING_KNOBS))
-def test_staging_knobs_give_the_default_bits(knob, monkeypatch):
+def test_staging_knobs_give_the_default_bits(knob, monkeypatch, staging_libraries):
     """The tuning knobs that fill the row cache before pass 1 (tune_gpu.py): SCE_STAGE_ROWS (a block
     of one-thread rows reads its rows, and writes their softmax or gradient back, as one span in
     16-byte words) and SCE_BULK_STAGE (every cached launch, and a cluster CTA's segment, filled by
@@ -432,7 +452,7 @@ def test_staging_knobs_give_the_default_bits(knob, monkeypatch):
     bits -- the softmax, forward+backward out of place and in place, hard and soft labels, no
     features and all four, full and partial blocks, with and without 16-byte loads, and (bulk copy)
     rows split over clusters -- and must be what ran."""
-    dtypes = [numpy.float16, numpy.float32, numpy.float64]
+    dtypes = STAGING_DTYPES
     staged = _knob_backend(knob, dtypes)
     default = Backend('harness')
     rng = numpy.random.default_rng(11)
