@@ -102,7 +102,8 @@ def test_nvrtc_compiles_every_tuning_knob(dtype, knob):
         assert 'ex2.approx.ftz.f32' in ptx
     if knob == 'bulk copy':  # the bulk copy engine and its mbarrier on sm_90; ptxas assembles them
         assert 'cp.async.bulk.shared::cluster.global' in ptx and 'mbarrier.try_wait' in ptx
-        assert _kernels.nvrtc_compile(dtype, 'sm_90', _kernels.TUNING_KNOBS[knob], names=names)
+        if dtype == numpy.float32:  # the asm is the same for every dtype (ptxas takes 10 s a dtype)
+            assert _kernels.nvrtc_compile(dtype, 'sm_90', _kernels.TUNING_KNOBS[knob], names=names)
 
 
 # Register tests: ptxas on the featureless kernels and on every label type with all features (a
