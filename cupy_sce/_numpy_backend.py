@@ -583,8 +583,7 @@ class _TileLabels:
         label = b.rows(p.label)  # (ob, 1, ib), or (1, 1, rows) in a transposed tile
         self.ignored = self.bad = self.invalid = None
         if not clean:
-            ignored = label == p.ignore_index
-            bad = ~ignored & ((label < 0) | (label >= p.K))
+            ignored, bad = _label_masks(label, p)
             self.ignored = ignored if ignored.any() else None
             self.bad = bad if bad.any() else None
             if self.ignored is not None or self.bad is not None:
@@ -749,6 +748,13 @@ def _labels_clean(p):
     return bool(0 <= lo and hi < p.K and not lo <= p.ignore_index <= hi)
 
 
+def _label_masks(label, p):
+    """``(ignored, bad)`` masks of hard labels: equal to ignore_index, or neither that nor in [0, K)
+    (the kernels' classify_label)."""
+    ignored = label == p.ignore_index
+    return ignored, ~ignored & ((label < 0) | (label >= p.K))
+
+
 def _arange(n):
     cache = getattr(_local, 'arange', None)
     if cache is None or cache.size < n:
@@ -832,8 +838,7 @@ def first_bad_label(p):
     lo, hi = p.label.min(), p.label.max()
     if 0 <= lo and hi < p.K:
         return None
-    label = p.label.reshape(-1)  # (outer, inner): the flat index is the canonical row
-    bad = numpy.flatnonzero(((label < 0) | (label >= p.K)) & (label != p.ignore_index))
+    bad = numpy.flatnonzero(_label_masks(p.label.reshape(-1), p)[1])  # (outer, inner): flat = canonical row
     return int(bad[0]) if bad.size else None
 
 

@@ -23,6 +23,7 @@ the cache's lock already: it never waits for the lock, and a buffer that arrives
 is taken waits in a deque (appends are atomic) until the next call takes it in.
 """
 import collections
+import math
 import os
 import threading
 
@@ -79,6 +80,12 @@ def _keep(raw):
         return
     _free[id(raw)] = raw
     _free_bytes += raw.nbytes
+    _evict_to(limit)
+
+
+def _evict_to(limit):
+    """Drop the oldest cached buffers until the cache holds at most ``limit`` bytes (under _lock)."""
+    global _free_bytes
     while _free_bytes > limit:
         _, oldest = _free.popitem(last=False)
         _free_bytes -= oldest.nbytes
@@ -113,9 +120,7 @@ def _current_limit():
 def empty(shape, dtype):
     """``numpy.empty(shape, dtype)``, C-contiguous, from recycled memory when large enough."""
     dtype = numpy.dtype(dtype)
-    nbytes = dtype.itemsize
-    for extent in shape:
-        nbytes *= extent
+    nbytes = dtype.itemsize * math.prod(shape)
     if nbytes < MIN_BYTES or nbytes > _current_limit():
         if _arrived:  # buffers that found the lock taken: kept or dropped now, not left waiting
             with _lock:
@@ -137,11 +142,9 @@ def cached_bytes():
 
 def release():
     """Drop every cached buffer (its memory goes back to the system)."""
-    global _free_bytes
     with _lock:
         _arrived.clear()
-        _free.clear()
-        _free_bytes = 0
+        _evict_to(0)
 
 
 def get_output_cache_limit():
@@ -155,12 +158,11 @@ def set_output_cache_limit(nbytes):
     Outputs of at least 1 MiB (the gradient, the softmax; the loss and lse of many rows) come from
     this cache: when the caller drops such an output, its memory is kept, up to ``nbytes`` in all,
     for the next output of the same size, so that a training loop does not pay fresh pages every
-    step.  ``0`` turns the cache
-    off (every output is a plain ``numpy.empty``); ``None`` restores the default (1 GiB, or an
-    eighth of the machine's memory where that is less).  Lowering the limit drops the oldest
-    cached buffers at once; ``release_scratch()`` drops all of them.
+    step.  ``0`` turns the cache off (every output is a plain ``numpy.empty``); ``None`` restores
+    the default (1 GiB, or an eighth of the machine's memory where that is less).  Lowering the
+    limit drops the oldest cached buffers at once; ``release_scratch()`` drops all of them.
     """
-    global _limit, _free_bytes
+    global _limit
     if isinstance(nbytes, numpy.integer):
         nbytes = int(nbytes)
     if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
@@ -168,6 +170,4 @@ def set_output_cache_limit(nbytes):
     with _lock:
         _limit = _default_limit() if nbytes is None else nbytes
         _drain()
-        while _free_bytes > _limit:
-            _, oldest = _free.popitem(last=False)
-            _free_bytes -= oldest.nbytes
+        _evict_to(_limit)

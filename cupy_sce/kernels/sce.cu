@@ -554,25 +554,6 @@ __device__ __forceinline__ typename Acc<T>::type pass2_elements(
     return soft_ce;
 }
 
-// Staging (SCE_STAGE_ROWS, SCE_BULK_STAGE): `count` elements from src to dst by the whole block
-// (every thread calls), in 16-byte words taken by consecutive threads where both ends are 16-byte
-// aligned (a block of ROWS_BLOCK rows spans a multiple of 16 bytes, so a 16-byte aligned array's
-// spans all are), else element by element.  Global to shared or back.
-template <typename T>
-__device__ __forceinline__ void block_copy(T* dst, const T* src, long long count) {
-    typedef Vec<unsigned int, 4> Word;
-    constexpr long long PER_WORD = 16 / sizeof(T);
-    long long done = 0;
-    if (((reinterpret_cast<unsigned long long>(dst) | reinterpret_cast<unsigned long long>(src)) & 15) == 0) {
-        const long long words = count / PER_WORD;
-        for (long long w = threadIdx.x; w < words; w += blockDim.x) {
-            reinterpret_cast<Word*>(dst)[w] = reinterpret_cast<const Word*>(src)[w];
-        }
-        done = words * PER_WORD;
-    }
-    for (long long i = done + threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
-}
-
 // The row cache's contents from global memory before pass 1: by the bulk copy engine under
 // SCE_BULK_STAGE where both ends are 16-byte aligned (the tail of fewer than 16 bytes by the
 // threads), else by the threads (block_copy).  The caller synchronizes the block afterwards.
@@ -580,12 +561,11 @@ __device__ __forceinline__ void block_copy(T* dst, const T* src, long long count
 // slot: the reductions use it only after pass 1).
 template <typename T>
 __device__ __forceinline__ void stage_in(T* dst, const T* src, long long count, unsigned long long* slot) {
-    if (SCE_BULK_STAGE &&
-        ((reinterpret_cast<unsigned long long>(dst) | reinterpret_cast<unsigned long long>(src)) & 15) == 0) {
+    if (SCE_BULK_STAGE && aligned_16(dst, src)) {
         const long long bulk = count * (long long)sizeof(T) / 16 * 16;
         bulk_copy_to_shared(dst, src, bulk, slot);
         const long long done = bulk / (long long)sizeof(T);
-        for (long long i = done + threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
+        block_copy(dst + done, src + done, count - done);  // under 16 bytes: element by element
     } else {
         block_copy(dst, src, count);
     }
@@ -604,12 +584,12 @@ __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
     const RowPlace at = place_thread<VEC, CLUSTER>(n_rows, K, inner, group_size);
 
     RowState<A>* const partials = sce_dynamic_smem<RowState<A> >();
-    // this group's segment in shared memory (CACHE_ROW only; the host sized it, 16-byte aligned);
-    // chunk j sits at row_cache[j - seg_begin]
+    // the block's row cache (CACHE_ROW only; the host sized it, 16-byte aligned): each group's
+    // segment in turn, chunk j of this group's at row_cache[j - seg_begin]
+    T* const cache_rows =
+        CACHE_ROW ? reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(partials) + state_area_bytes<A>()) : nullptr;
     Vec<T, VEC>* const row_cache =
-        CACHE_ROW ? reinterpret_cast<Vec<T, VEC>*>(reinterpret_cast<unsigned char*>(partials) + state_area_bytes<A>()) +
-                        (threadIdx.x / group_size) * at.seg_chunks
-                  : nullptr;
+        CACHE_ROW ? reinterpret_cast<Vec<T, VEC>*>(cache_rows) + (threadIdx.x / group_size) * at.seg_chunks : nullptr;
 
     // Staging (tuning knobs): the cache's rows -- the block's rows back to back, as they lie in x,
     // or a cluster CTA's segment of its row -- are read in one sweep before pass 1, which then
@@ -629,10 +609,8 @@ __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
         stage_first = first_row * K;
         stage_count = (n_rows - first_row < rows_per_block ? n_rows - first_row : rows_per_block) * K;
     }
-    T* const staged_rows =
-        CACHE_ROW ? reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(partials) + state_area_bytes<A>()) : nullptr;
     if (staged) {
-        stage_in(staged_rows, x + stage_first, stage_count, reinterpret_cast<unsigned long long*>(partials));
+        stage_in(cache_rows, x + stage_first, stage_count, reinterpret_cast<unsigned long long*>(partials));
         __syncthreads();
     }
 
@@ -669,7 +647,7 @@ __device__ __forceinline__ void rows(SCE_ROWS_PARAMS) {
     }
     if (stage_out && (P::softmax || P::grad)) {  // every row of the block is in the cache
         __syncthreads();
-        block_copy((P::softmax ? softmax_out : grad_out) + stage_first, staged_rows, stage_count);
+        block_copy((P::softmax ? softmax_out : grad_out) + stage_first, cache_rows, stage_count);
     }
     if (P::soft && P::loss) {  // uniform over the block: every thread joins
         soft_ce = row_allreduce(soft_ce, SumOp<A>(), group_size, at.columns, sce_dynamic_smem<A>());

@@ -351,6 +351,32 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
     *reinterpret_cast<Vec<T, VEC>*>(p) = v;
 }
 
+// ---------------------------------------------------------------- block copies
+
+// Whether both pointers are 16-byte aligned (16-byte words can move between them).
+__device__ __forceinline__ bool aligned_16(const void* a, const void* b) {
+    return ((reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b)) & 15) == 0;
+}
+
+// `count` elements from src to dst by the whole block (every thread calls; no barrier), in 16-byte
+// words taken by consecutive threads where both ends are 16-byte aligned (a block of ROWS_BLOCK
+// rows spans a multiple of 16 bytes, so a 16-byte aligned array's spans all are), else element by
+// element.  Global to shared memory or back (the staging knobs of sce.cu).
+template <typename T>
+__device__ __forceinline__ void block_copy(T* dst, const T* src, long long count) {
+    typedef Vec<unsigned int, 4> Word;
+    constexpr long long PER_WORD = 16 / sizeof(T);
+    long long done = 0;
+    if (aligned_16(dst, src)) {
+        const long long words = count / PER_WORD;
+        for (long long w = threadIdx.x; w < words; w += blockDim.x) {
+            reinterpret_cast<Word*>(dst)[w] = reinterpret_cast<const Word*>(src)[w];
+        }
+        done = words * PER_WORD;
+    }
+    for (long long i = done + threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
+}
+
 // ---------------------------------------------------------------- bulk copies (sm_90)
 
 // The 32-bit shared-state-space address of a pointer into this CTA's shared memory.
@@ -411,10 +437,7 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
     if (threadIdx.x == 0) asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(barrier) : "memory");
 #else
     (void)slot;
-    typedef Vec<unsigned int, 4> Word;
-    for (long long w = threadIdx.x; w < bytes / 16; w += blockDim.x) {
-        reinterpret_cast<Word*>(dst)[w] = reinterpret_cast<const Word*>(src)[w];
-    }
+    block_copy(static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), bytes);
     __syncthreads();
 #endif
 }
